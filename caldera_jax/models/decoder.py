@@ -1,0 +1,135 @@
+"""The decoder: embedding, layers (attention + MLP/MoE), final norm, LM head.
+
+    init_params(cfg, key, dtype)                         -> params
+    forward(params, cfg, tokens, attention_mask)         -> logits [B, T, V]
+    prefill(params, cfg, tokens, attention_mask, max_len) -> (last logits [B, V], cache)
+    decode_step(params, cfg, cache, token [B])           -> (logits [B, V], cache)
+
+All are pure and jit-compiled with `cfg` (and `hooks`) static. Padding: `attention_mask` [B, T] is 1
+for real tokens; positions default to cumsum(mask) - 1, so a left-padded row gives the same
+logits as the unpadded sequence. Logits at padded positions are not meaningful.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from caldera_jax import params as params_lib
+from caldera_jax.config import ModelConfig
+from caldera_jax.models.attention import self_attention
+from caldera_jax.models.hooks import Ctx, Hooks
+from caldera_jax.models.layers import rms_norm, rope_cos_sin, swiglu
+from caldera_jax.models.moe import moe_block
+
+Cache = dict[str, Any]  # {"k","v": [L] list of [B, S, Hkv, D]; "valid" [B,S]; "pos" [B,S]; "index"; "next_pos" [B]}
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random parameters: N(0, 0.02) weights, unit norms, zero biases (the HF initialisation)."""
+    shapes = params_lib.param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    flat = {}
+    for k, (name, shape) in zip(keys, shapes.items()):
+        if name.endswith("norm.weight"):
+            flat[name] = jnp.ones(shape, dtype)
+        elif name.endswith(".bias"):
+            flat[name] = jnp.zeros(shape, dtype)
+        else:
+            flat[name] = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+    return params_lib.unflatten(flat)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> Cache:
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    L = cfg.num_hidden_layers
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(L)],
+            "v": [jnp.zeros(shape, dtype) for _ in range(L)],
+            "valid": jnp.zeros((batch, max_len), bool), "pos": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32), "next_pos": jnp.zeros((batch,), jnp.int32)}
+
+
+def decoder_layer(ctx: Ctx, i: int, p: dict, cfg: ModelConfig, h: jax.Array, cos, sin, kv: dict,
+                  index, key_valid, key_pos, q_pos) -> tuple[jax.Array, dict]:
+    """One pre-norm decoder layer. h: [B, T, H] -> ([B, T, H], updated kv buffers)."""
+    name = f"model.layers.{i}"
+    h = ctx.tap(name, h)
+    a, kv = self_attention(ctx, f"{name}.self_attn", p["self_attn"], cfg,
+                           rms_norm(h, p["input_layernorm"]["weight"], cfg.rms_norm_eps),
+                           cos, sin, kv, index, key_valid, key_pos, q_pos)
+    h = h + a
+    x = ctx.tap(f"{name}.mlp.input", rms_norm(h, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps))
+    if cfg.is_moe_layer(i):
+        m = moe_block(ctx, f"{name}.mlp", p["mlp"], cfg, x)
+    else:
+        m = swiglu(ctx, f"{name}.mlp", p["mlp"], x)
+    return h + m, kv
+
+
+def _run(params, cfg: ModelConfig, tokens, positions, cache: Cache, new_valid, hooks: Hooks,
+         last_only: bool):
+    """Runs the decoder on tokens [B, T] written at cache slot cache["index"]."""
+    ctx = Ctx(hooks, {})
+    B, T = tokens.shape
+    index = cache["index"]
+    key_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], new_valid, index, axis=1)
+    key_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, index, axis=1)
+    embed = params["model"]["embed_tokens"]["weight"]
+    h = jnp.take(embed, tokens, axis=0)
+    cos, sin = rope_cos_sin(cfg, positions, h.dtype)
+    ks, vs = [], []
+    for i, lp in params_lib.iter_layers(params, cfg):
+        h, kv = decoder_layer(ctx, i, lp, cfg, h, cos, sin, {"k": cache["k"][i], "v": cache["v"][i]},
+                              index, key_valid, key_pos, positions)
+        ks.append(kv["k"])
+        vs.append(kv["v"])
+    if last_only:
+        h = h[:, -1:]
+    h = ctx.tap("model.norm", rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps))
+    head = params["model"]["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    logits = ctx.linear("lm_head", h, {"weight": head["weight"]})
+    new_cache = {"k": ks, "v": vs, "valid": key_valid, "pos": key_pos, "index": index + T,
+                 "next_pos": positions[:, -1] + 1}
+    return logits, new_cache, ctx.aux
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+@partial(jax.jit, static_argnames=("cfg", "hooks", "return_aux"))
+def forward(params, cfg: ModelConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
+            positions: jax.Array | None = None, hooks: Hooks = Hooks(), return_aux: bool = False):
+    """tokens [B, T] int -> logits [B, T, V] (and the hooks' aux dict if return_aux)."""
+    mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    positions = default_positions(mask) if positions is None else positions.astype(jnp.int32)
+    dtype = params["model"]["embed_tokens"]["weight"].dtype
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
+    logits, _, aux = _run(params, cfg, tokens, positions, cache, mask, hooks, last_only=False)
+    return (logits, aux) if return_aux else logits
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_len", "hooks"))
+def prefill(params, cfg: ModelConfig, tokens: jax.Array, attention_mask: jax.Array, max_len: int,
+            hooks: Hooks = Hooks()) -> tuple[jax.Array, Cache]:
+    """Runs a left-padded prompt batch [B, T] into a fresh cache of max_len slots.
+    Returns the logits of the last position [B, V] and the cache."""
+    mask = attention_mask.astype(bool)
+    positions = default_positions(mask)
+    dtype = params["model"]["embed_tokens"]["weight"].dtype
+    cache = init_cache(cfg, tokens.shape[0], max_len, dtype)
+    logits, cache, _ = _run(params, cfg, tokens, positions, cache, mask, hooks, last_only=True)
+    cache["next_pos"] = jnp.sum(mask, axis=1).astype(jnp.int32)
+    return logits[:, 0], cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "hooks"), donate_argnames=("cache",))
+def decode_step(params, cfg: ModelConfig, cache: Cache, token: jax.Array,
+                hooks: Hooks = Hooks()) -> tuple[jax.Array, Cache]:
+    """Appends one token per row (token [B]) at the cache's next slot -> (logits [B, V], cache)."""
+    positions = cache["next_pos"][:, None]
+    logits, cache, _ = _run(params, cfg, token[:, None], positions, cache,
+                            jnp.ones((token.shape[0], 1), bool), hooks, last_only=True)
+    return logits[:, 0], cache
