@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -274,9 +274,9 @@ def load_gguf(path: str | os.PathLike, dtype: Any = np.float32, *, progress: boo
 
     path = os.fspath(path)
     reader = _open(path)
+    # every key but the big tokenizer arrays (only the token count is needed here)
     meta = {k: _field_value(f) for k, f in reader.fields.items()
-            if not k.startswith("GGUF.") and not k.startswith("tokenizer.ggml.")
-            or k.endswith("_token_id")}
+            if not k.startswith("GGUF.") and (not k.startswith("tokenizer.ggml.") or k.endswith("_token_id"))}
     n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
     tensors = {t.name: t for t in reader.tensors}
     # numpy-order shapes (ggml ne reversed)

@@ -378,6 +378,7 @@ def _write_weights(tmp: str, tensors: list[_DiskTensor], max_shard_bytes: int) -
     for k, shard in enumerate(shards, 1):
         fname = SINGLE_FILE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
         save_file({t.name: t.get() for t in shard}, os.path.join(tmp, fname), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, fname), 0o644)   # safetensors creates files 0600
         _fsync(os.path.join(tmp, fname))
         weight_map.update({t.name: fname for t in shard})
     if n > 1:

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import configparser
 import csv
 import dataclasses
 import datetime
-import gzip
 import hashlib
 import io
 import json

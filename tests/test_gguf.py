@@ -29,6 +29,7 @@ QTYPES = {
               ("v_proj.weight", Q.F32), ("o_proj", Q.Q8_0), ("gate_proj", Q.Q4_0), ("up_proj", Q.F16),
               ("down_proj", Q.Q5_1)],
 }
+QTYPES["qwen3"] = QTYPES["qwen2"]
 # max |error| / max |row| allowed per type. Symmetric Qn_0 maps the block's absmax to -2^(n-1), so
 # the opposite extreme can be off by a whole step (1/8 for 4 bit, 1/16 for 5 bit); Qn_1 (min/max)
 # by half a step of the range (1/15, 1/31); Q8_0 by half a step of 1/127 (+ fp16 scale rounding).
@@ -50,8 +51,10 @@ def _vocab():
 
 
 def _hf_dict(arch: str, vocab: int, tied: bool) -> dict:
+    # qwen3: head_dim != hidden / heads (GGUF attention.key_length; transformers assumes 128 for qwen3)
     d = dict(model_type=arch, vocab_size=vocab, hidden_size=64, intermediate_size=96,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=128 if arch == "qwen3" else 16,
              rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=tied,
              rope_parameters={"rope_theta": 10000.0 if arch == "llama" else 1e6, "rope_type": "default"})
     return d
@@ -93,6 +96,9 @@ def write_gguf(path, arch: str, *, tied: bool, seed: int = 0, drop: tuple[str, .
     wr.add_rope_freq_base(cfg.rope_theta)
     if arch == "llama":
         wr.add_rope_dimension_count(cfg.head_dim)
+    if arch == "qwen3":
+        wr.add_key_length(cfg.head_dim)
+        wr.add_value_length(cfg.head_dim)
     if tokenizer:
         wr.add_tokenizer_model("gpt2")
         wr.add_tokenizer_pre("default")
@@ -132,20 +138,21 @@ def write_gguf(path, arch: str, *, tied: bool, seed: int = 0, drop: tuple[str, .
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("gguf")
     out = {}
-    for arch, tied in (("llama", False), ("qwen2", True)):
+    for seed, (arch, tied) in enumerate((("llama", False), ("qwen2", True), ("qwen3", False))):
         p = d / arch / f"tiny-{arch}.gguf"
         p.parent.mkdir()
-        out[arch] = (p, *write_gguf(p, arch, tied=tied, seed=1 if arch == "llama" else 2))
+        out[arch] = (p, *write_gguf(p, arch, tied=tied, seed=seed))
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_matches_original_weights(files, arch):
     path, cfg0, w0, qtypes = files[arch]
     cfg, params = load_gguf(path)
     assert cfg.model_type == arch and cfg.vocab_size == cfg0.vocab_size
-    assert cfg.hidden_size == 64 and cfg.num_key_value_heads == 2 and cfg.head_dim == 16
+    assert cfg.hidden_size == 64 and cfg.num_key_value_heads == 2 and cfg.head_dim == cfg0.head_dim
     assert cfg.tie_word_embeddings == (arch == "qwen2") and cfg.attention_bias == (arch == "qwen2")
+    assert cfg.qk_norm == (arch == "qwen3")
     assert cfg.rope_theta == cfg0.rope_theta and cfg.rms_norm_eps == pytest.approx(1e-5)
     flat = flatten(params)
     assert set(flat) == set(param_shapes(cfg))
@@ -173,7 +180,7 @@ def test_special_tokens_and_dtype(files):
     assert str(params["model"]["embed_tokens"]["weight"].dtype) == "bfloat16"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_matches_transformers_gguf_loader(files, arch):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
