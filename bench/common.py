@@ -27,8 +27,19 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tupl
 def device_description() -> str:
     d = jax.devices()[0]
     if d.platform == "cpu":
-        return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} cores"
+        return f"CPU {_cpu_model()} x{os.cpu_count()} cores"
     return f"{d.platform.upper()} {d.device_kind}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_report(path: str, name: str, rows: list[dict], columns: list[str], extra: dict | None = None) -> None:
