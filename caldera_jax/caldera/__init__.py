@@ -1,0 +1,1 @@
+"""CALDERA: W ≈ Q + L·R fitted against calibration Hessians."""

@@ -1,0 +1,66 @@
+"""MatrixBudget: how one matrix is compressed (after the job config's pattern overrides).
+
+Shared by the decomposition (caldera_jax.caldera.decompose), the job config (YAML) and the
+compressed checkpoint. Frozen and hashable, so it can be a jit static argument.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+QUANTIZERS = ("uniform", "e8p")
+UNIFORM_BITS = (2, 3, 4, 8)
+E8P_BITS = (2, 3, 4)
+FACTOR_BITS = (2, 3, 4, 8, 16)   # 16: L and R kept in bf16 (not quantized)
+
+
+class BudgetError(ValueError):
+    """An impossible budget (rank, bits, group size); the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixBudget:
+    b_q: int = 2                 # bits of Q
+    quantizer: str = "e8p"       # Q quantizer: "uniform" (groupwise scalar) or "e8p" (E8 lattice)
+    b_l: int = 4                 # bits of L [m, rank]; 16 = bf16
+    b_r: int = 4                 # bits of R [rank, n]; 16 = bf16
+    rank: int = 64               # 0 = Q only
+    group_size: int = 64         # uniform quantizers: consecutive input columns sharing a scale
+    symmetric: bool = True       # uniform: symmetric (absmax) or asymmetric (zero point)
+    factor_group_size: int = 64  # uniform quantization of L and R
+    iters: int = 5               # outer alternations (LR step, Q step)
+    lplr_iters: int = 10         # alternating quantized-L/R rounds inside one LR step
+    requant_sweeps: int = 10     # LDLQ re-quantization sweeps inside one Q step
+    order: str = "lr_first"      # "lr_first" or "q_first"
+    incoherence: bool = True     # random signs + Walsh-Hadamard on both sides
+    hessian_downdate: bool = False   # LDLQ on H with the low-rank subspace projected out
+    sigma_reg: float = 1e-2      # H <- H / mean(diag H) + sigma_reg * I
+    seed: int = 0                # incoherence signs / randomized parts
+
+    def validate(self, shape: tuple[int, int] | None = None, where: str = "budget") -> "MatrixBudget":
+        """Raises BudgetError naming `where` and the field; returns self."""
+        def bad(field, msg):
+            raise BudgetError(f"{where}: {field}={getattr(self, field)!r} {msg}")
+        if self.quantizer not in QUANTIZERS:
+            bad("quantizer", f"is not one of {QUANTIZERS}")
+        allowed = E8P_BITS if self.quantizer == "e8p" else UNIFORM_BITS
+        if self.b_q not in allowed:
+            bad("b_q", f"is not supported by the {self.quantizer} quantizer (allowed: {allowed})")
+        for f in ("b_l", "b_r"):
+            if getattr(self, f) not in FACTOR_BITS:
+                bad(f, f"must be one of {FACTOR_BITS}")
+        for f in ("group_size", "factor_group_size"):
+            if getattr(self, f) < 1:
+                bad(f, "must be >= 1")
+        for f in ("rank", "iters", "lplr_iters", "requant_sweeps"):
+            if getattr(self, f) < 0:
+                bad(f, "must be >= 0")
+        if self.order not in ("lr_first", "q_first"):
+            bad("order", "must be 'lr_first' or 'q_first'")
+        if not self.sigma_reg >= 0:
+            bad("sigma_reg", "must be >= 0")
+        if shape is not None and self.rank > min(shape):
+            bad("rank", f"exceeds min(m, n) = {min(shape)} of the {shape[0]}x{shape[1]} matrix")
+        return self
+
+    def replace(self, **kw) -> "MatrixBudget":
+        return dataclasses.replace(self, **kw)

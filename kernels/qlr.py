@@ -1,0 +1,146 @@
+"""qlr_linear(x, w, backend=...): y = x·Wᵀ for a QLRWeight W = scale · T_outᵀ (Q + L·R) T_in.
+
+Backends register themselves in BACKENDS (name -> fn(x, w) for ONE matrix, x [..., n] -> [..., m]);
+stacked weights (MoE experts, leading axis E on every array of w and on x) are handled here by
+vmap, so a backend only ever sees a single matrix.
+
+  "xla"    dequantize Q, L, R with jnp, then  x̃ = transform_in(x);
+           y = x̃·Qᵀ + (x̃·Rᵀ)·Lᵀ;  y = transform_out(y)·scale   (float32 compute, output in x's dtype)
+  "pallas" kernels/qlr_pallas.py: fused dequantize-in-the-matmul Pallas kernels (GEMV for <= 16
+           rows, tiled GEMM above), low-rank term in the epilogue, Hadamard kernels from
+           kernels/hadamard.py. Compiled (Triton lowering) on a GPU, interpret mode elsewhere.
+  "triton" kernels/qlr_triton.py: the same kernel in Triton through jax-triton (GPU only).
+  "auto"   kernels/select.py: measured table per (device, format, shape, rows); CPU -> "xla".
+
+Gradients: qlr_linear has a custom VJP w.r.t. x (codes frozen): dx = dy·W computed by the
+backend's transposed product (register_backend(..., transpose_fn)), i.e.
+    dx = scale · fwht_out(fwht_in(dy, s_out) · (Q + L·R), s_in)
+with Q, L, R applied as packed matrices (the low-rank term as two thin products; W, and for the
+kernel backends Q itself, is never materialised). The cotangent of the weight is zero: its codes
+are integers and its float leaves (scales, dense factors) are treated as frozen too; differentiate
+QLRWeight.dequantize() if a weight gradient is wanted.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS: dict[str, Callable] = {}
+TRANSPOSES: dict[str, Callable] = {}
+
+
+def register_backend(name: str, fn: Callable, transpose_fn: Callable | None = None) -> None:
+    """fn(x [..., n], w: QLRWeight single matrix) -> [..., m] in x's dtype;
+    transpose_fn(dy [..., m], w) -> dy·W [..., n] in dy's dtype (the VJP; default: the xla one)."""
+    BACKENDS[name] = fn
+    if transpose_fn is not None:
+        TRANSPOSES[name] = transpose_fn
+
+
+def choose_backend(x: jax.Array, w) -> str:
+    """The backend "auto" resolves to (kernels/select.py)."""
+    from kernels.select import choose
+    return choose(x, w)
+
+
+def _xla(x: jax.Array, w) -> jax.Array:
+    from caldera_jax.caldera import incoherence
+    from caldera_jax.caldera.quant import packing
+    hi = jax.lax.Precision.HIGHEST
+    m, n = w.shape
+    if x.shape[-1] != n:
+        raise ValueError(f"qlr_linear: x has {x.shape[-1]} features, weight expects {n}")
+    so, si = w.signs()
+    xf = x.astype(jnp.float32)
+    if si is not None:
+        xf = incoherence.transform_in(xf, si)
+    y = jnp.einsum("...i,oi->...o", xf, packing.dequantize(w.q), precision=hi)
+    if w.l is not None:
+        t = jnp.einsum("...i,ri->...r", xf, packing.dequantize(w.r), precision=hi)
+        y = y + jnp.einsum("...r,or->...o", t, packing.dequantize(w.l), precision=hi)
+    if so is not None:
+        y = incoherence.transform_out(y, so)
+    return (y * w.scale).astype(x.dtype)
+
+
+def _xla_transpose(dy: jax.Array, w) -> jax.Array:
+    """dy [..., m] -> dy·W [..., n]: scale · fwht_out(fwht_in(dy, s_out)·(Q + L·R), s_in), with Q
+    dequantized (the XLA path's usual cost) and L·R applied as two thin products."""
+    from caldera_jax.caldera import incoherence
+    from caldera_jax.caldera.quant import packing
+    hi = jax.lax.Precision.HIGHEST
+    so, si = w.signs()
+    u = dy.astype(jnp.float32)
+    if so is not None:
+        u = incoherence.transform_in(u, so)
+    z = jnp.einsum("...o,oi->...i", u, packing.dequantize(w.q), precision=hi)
+    if w.l is not None:
+        t = jnp.einsum("...o,or->...r", u, packing.dequantize(w.l), precision=hi)
+        z = z + jnp.einsum("...r,ri->...i", t, packing.dequantize(w.r), precision=hi)
+    if si is not None:
+        z = incoherence.transform_out(z, si)
+    return (z * w.scale).astype(dy.dtype)
+
+
+def _pallas(x, w):
+    from kernels import qlr_pallas
+    return qlr_pallas.qlr_forward(x, w)
+
+
+def _pallas_t(dy, w):
+    from kernels import qlr_pallas
+    return qlr_pallas.qlr_transpose(dy, w)
+
+
+def _triton(x, w):
+    from kernels import qlr_triton
+    return qlr_triton.qlr_forward(x, w)
+
+
+def _triton_t(dy, w):
+    from kernels import qlr_triton
+    return qlr_triton.qlr_transpose(dy, w)
+
+
+register_backend("xla", _xla, _xla_transpose)
+register_backend("pallas", _pallas, _pallas_t)
+register_backend("triton", _triton, _triton_t)
+
+
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _apply(name: str, x: jax.Array, w) -> jax.Array:
+    return BACKENDS[name](x, w)
+
+
+def _apply_fwd(name, x, w):
+    return BACKENDS[name](x, w), w
+
+
+def _apply_bwd(name, w, dy):
+    dx = TRANSPOSES.get(name, _xla_transpose)(dy, w)
+    return dx, jax.tree_util.tree_map(_zero_cotangent, w)
+
+
+_apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+@functools.partial(jax.jit, static_argnames="backend")
+def qlr_linear(x: jax.Array, w, *, backend: str = "auto") -> jax.Array:
+    """x [..., n] -> x·Wᵀ [..., m] (x in bf16/fp16/fp32; output in x's dtype).
+    Stacked w (leading E): x [E, ..., n] -> [E, ..., m]."""
+    if w.stacked:
+        return jax.vmap(lambda xe, we: qlr_linear(xe, we, backend=backend))(x, w)
+    name = choose_backend(x, w) if backend == "auto" else backend
+    if name not in BACKENDS:
+        raise ValueError(f"qlr_linear: unknown backend {backend!r} (available: {sorted(BACKENDS)})")
+    return _apply(name, x, w)

@@ -1,0 +1,521 @@
+"""Pallas kernels for y = x·Wᵀ with W = scale · T_outᵀ (Q + L·R) T_in, dequantizing in the matmul.
+
+Consumes exactly the packed layout of caldera_jax/caldera/quant/packing.py (uniform 2/3/4/8-bit
+words, E8P 16-bit indices + residual stage, dense factors) with no repacking.
+
+Pipeline of one forward call (rows = prod(x.shape[:-1])):
+
+    x̃ = fwht(x, signs_in)                              kernels/hadamard.py (sign unpack fused)
+    t = x̃ · Rᵀ                    [rows, r]            kernel A: the Q kernel on R, no epilogue
+    ỹ = (x̃ · Qᵀ + t · Lᵀ) · scale [rows, m]            kernel B: Q tiles dequantized in the loop,
+                                                        L tile + t in the epilogue, scale fused
+    y = fwht(ỹ, signs_out, transposed)                 kernels/hadamard.py
+
+Two variants of kernels A/B:
+  GEMV (decode, rows <= 16): grid (m tiles of BN, S splits of the n loop). Each program dequantizes
+      a [BN, BK] tile of W once per step and reuses it for every row ([rows, BN, BK] broadcast
+      product + sum on the vector units: no 16-row padding for tensor cores; the tile shrinks as
+      rows grow so the product stays ~8K elements, see gemv_tile). Split-K partial
+      sums [S, rows, m] (f32) are summed by one small XLA reduce; the low-rank epilogue runs in
+      split 0 only (lax.cond).
+  GEMM (prefill, rows > 16): grid (m tiles of BN, row tiles of BM); loop over n in BK steps with a
+      [BM, BN] f32 accumulator, dot(x tile, dequantized W tileᵀ) in the activation dtype
+      (bf16/fp16 -> tensor cores; fp32 -> IEEE fp32), epilogue dot(t tile, L tileᵀ).
+
+The transposed products (custom VJP: dx = dy·W) use the same tile dequantizer with the loop over m:
+    u = fwht(dy, signs_out);  t2 = u·L;  z = (u·Q + t2·R)·scale;  dx = fwht(z, signs_in, transposed)
+
+Edges: every load is masked (plgpu.load(..., mask, other=0)) and every dequantized tile is zeroed
+outside [m, n], so nothing is padded on the host and no shape needs to be a multiple of a tile.
+Scales: a [BN,1] slice when the group covers the tile, a [BN,BK/g] slice broadcast when groups are
+powers of two inside the tile, a masked gather for any other group size.
+E8P: the 256x8 pattern table of e8p.abs_grid() (coordinate 0 pre-multiplied by (-1)^parity, so the
+first sign is the popcount parity of bits 7..1) and e8p.e8_1bit_grid() are gathered from a small
+table operand; sign bits and the ±1/4 shift are bit operations.
+
+Where it runs: on CPU (and TPU) with interpret=True (how it is tested). On GPU the same kernels
+lower through Pallas' Triton backend: `resolve_interpret` turns interpret off on a GPU and
+`compiler_params` passes `jax.experimental.pallas.triton.CompilerParams(num_warps, num_stages)`,
+which is what selects the Triton lowering in jax 0.10/0.11 (Mosaic GPU is the default otherwise).
+We expect to use the Triton lowering: the kernels rely on masked loads/stores, pointer gathers
+(table lookups) and free-form tile shapes that Mosaic GPU does not offer (it wants TMA-aligned
+tiles, warpgroup layouts and no masked loads); a Mosaic version would be a rewrite, worth it only
+if the Triton lowering misses the bandwidth goal at decode. All tile sizes are powers of two
+(Triton requirement) and every dot has all dims >= 16.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from caldera_jax.caldera.quant import e8p
+from caldera_jax.caldera.quant.packing import PackedMatrix
+
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes (all powers of two; BK a multiple of 32 so 3-bit chunks never straddle a tile)."""
+    gemv_max_rows: int = 16
+    gemv_bn: int = 32          # rows of W per program (transposed: columns of W per program)
+    gemv_bk: int = 128         # columns of W per loop step (transposed: rows of W per step)
+    gemv_splits: int = 0       # split-K programs per tile; 0 = auto (enough programs to fill a GPU)
+    gemv_bt: int = 64          # transposed GEMV: columns of W per program
+    gemv_elems: int = 8192     # bound on rows x BN x BK of the [rows, BN, BK] product (registers)
+    gemm_bm: int = 64          # activation rows per program
+    gemm_bn: int = 64          # output columns per program
+    gemm_bk: int = 64          # reduction step
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 264  # ~2 per SM on an H100/H200 (132 SMs)
+
+
+DEFAULT_TILES = Tiles()
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """None -> interpret everywhere but on a GPU."""
+    if interpret is None:
+        return jax.default_backend() != "gpu"
+    return bool(interpret)
+
+
+def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 3):
+    """The one flag between CPU-interpret and the GPU Triton lowering."""
+    if interpret:
+        return None
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _iota(n: int) -> jax.Array:
+    return jax.lax.iota(jnp.int32, n)
+
+
+def _pow2_at_least(v: int, lo: int) -> int:
+    p = lo
+    while p < v:
+        p *= 2
+    return p
+
+
+# ----------------------------------------------------------------------------- matrix specs
+
+@dataclasses.dataclass(frozen=True)
+class MatSpec:
+    """Static description of one PackedMatrix as the kernels see it."""
+    kind: str
+    bits: int
+    group: int
+    symmetric: bool
+    m: int
+    n: int
+    n_words: int          # codes.shape[-1]
+    n_groups: int         # scales.shape[-1] (0: none)
+    has_codes2: bool
+    has_scales: bool
+    has_zeros: bool
+
+    @classmethod
+    def of(cls, pm: PackedMatrix) -> "MatSpec":
+        f = pm.fmt
+        if pm.codes.ndim != 2:
+            raise ValueError("kernels see one matrix at a time (stacked weights are vmapped)")
+        return cls(f.kind, f.bits, f.group_size, f.symmetric, f.shape[0], f.shape[1],
+                   pm.codes.shape[-1], 0 if pm.scales is None else pm.scales.shape[-1],
+                   pm.codes2 is not None, pm.scales is not None, pm.zeros is not None)
+
+    @property
+    def chunk(self) -> int:
+        """Columns per independently addressable unit of the codes."""
+        if self.kind == "dense":
+            return 1
+        if self.kind == "e8p":
+            return 8
+        return 32 if self.bits == 3 else 32 // self.bits
+
+    @property
+    def n_arrays(self) -> int:
+        return 1 + self.has_codes2 + self.has_scales + self.has_zeros
+
+
+def _operands(pm: PackedMatrix) -> list[jax.Array]:
+    return [a for a in (pm.codes, pm.codes2, pm.scales, pm.zeros) if a is not None]
+
+
+@functools.lru_cache(maxsize=None)
+def e8p_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(abs table [2048] with coordinate 0 times (-1)^parity, E8-1bit table [2048]) float32,
+    read from e8p.py's constructions."""
+    a = e8p.abs_grid().astype(np.float32).copy()
+    a[:, 0] *= 1.0 - 2.0 * e8p.abs_parity().astype(np.float32)
+    return a.reshape(-1), e8p.e8_1bit_grid().astype(np.float32).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- tile dequantizer
+
+class _Refs:
+    """The refs of one matrix, taken in order from the kernel's ref list."""
+
+    def __init__(self, spec: MatSpec, it):
+        self.codes = next(it)
+        self.codes2 = next(it) if spec.has_codes2 else None
+        self.scales = next(it) if spec.has_scales else None
+        self.zeros = next(it) if spec.has_zeros else None
+
+
+def _bcast_rows(rows: jax.Array, ncols: int) -> jax.Array:
+    return jnp.broadcast_to(rows[:, None], (rows.shape[0], ncols))
+
+
+def _uniform_codes(s: MatSpec, ref, r0, rows, rmask, k0, BR, BK):
+    """int32 codes [BR, BK] of columns k0..k0+BK (k0 a multiple of BK, BK of 32)."""
+    b = s.bits
+    if b != 3:
+        K = 32 // b
+        BW = BK // K
+        wc = k0 // K + _iota(BW)
+        words = plgpu.load(ref.at[pl.ds(r0, BR), pl.ds(k0 // K, BW)],
+                           mask=rmask[:, None] & (wc < s.n_words)[None, :], other=0)
+        words = words.astype(jnp.uint32)
+        sh = (_iota(K) * b).astype(jnp.uint32)
+        c = (words[:, :, None] >> sh[None, None, :]) & jnp.uint32(2 ** b - 1)
+        return c.reshape(BR, BK).astype(jnp.int32)
+    C = BK // 32
+    ch = k0 // 32 + _iota(C)
+    msk = rmask[:, None] & (ch < s.n_words // 3)[None, :]
+    R2 = _bcast_rows(rows, C)
+    base = jnp.broadcast_to((3 * ch)[None, :], (BR, C))
+    w0, w1, w2 = (plgpu.load(ref.at[R2, base + j], mask=msk, other=0).astype(jnp.uint32)
+                  for j in range(3))
+    k = _iota(32)
+    wlo = jnp.where((k < 16)[None, None, :], w0[:, :, None], w1[:, :, None])     # [BR, C, 32]
+    lo = (wlo >> (2 * (k % 16)).astype(jnp.uint32)[None, None, :]) & jnp.uint32(3)
+    hi = (w2[:, :, None] >> k.astype(jnp.uint32)[None, None, :]) & jnp.uint32(1)
+    return (lo | (hi << 2)).reshape(BR, BK).astype(jnp.int32)
+
+
+def _group_tile(s: MatSpec, ref, r0, rows, rmask, k0, cols, BR, BK):
+    """f32 [BR, BK]: the per-(row, group) parameter of every element of the tile."""
+    g, G = s.group, s.n_groups
+    if g % BK == 0:                                     # the tile lies inside one group
+        v = plgpu.load(ref.at[pl.ds(r0, BR), pl.ds(k0 // g, 1)], mask=rmask[:, None], other=0)
+        return jnp.broadcast_to(v.astype(F32), (BR, BK))
+    if BK % g == 0 and g & (g - 1) == 0:               # whole power-of-two groups in the tile
+        NG = BK // g
+        gi = k0 // g + _iota(NG)
+        v = plgpu.load(ref.at[pl.ds(r0, BR), pl.ds(k0 // g, NG)],
+                       mask=rmask[:, None] & (gi < G)[None, :], other=0).astype(F32)
+        return jnp.broadcast_to(v[:, :, None], (BR, NG, g)).reshape(BR, BK)
+    gi = jnp.minimum(cols // g, G - 1)                 # any other group size: masked gather
+    return plgpu.load(ref.at[_bcast_rows(rows, BK), jnp.broadcast_to(gi[None, :], (BR, BK))],
+                      mask=jnp.broadcast_to(rmask[:, None], (BR, BK)), other=0).astype(F32)
+
+
+def _popcount7(v: jax.Array) -> jax.Array:
+    v = v - ((v >> 1) & 0x55)
+    v = (v & 0x33) + ((v >> 2) & 0x33)
+    return (v + (v >> 4)) & 0x0F
+
+
+def _e8p_decode(c: jax.Array, tab_ref) -> jax.Array:
+    """int32 E8P indices [BR, V] -> codewords [BR, V, 8] f32 (e8p.decode, via the table)."""
+    j = _iota(8)
+    idx = (c >> 8)[:, :, None] * 8 + j[None, None, :]
+    a = plgpu.load(tab_ref.at[idx])
+    bit = (c[:, :, None] >> j[None, None, :]) & 1
+    neg0 = _popcount7((c >> 1) & 127) & 1
+    neg = jnp.where((j == 0)[None, None, :], neg0[:, :, None], bit)
+    shift = jnp.where((c & 1) == 1, 0.25, -0.25).astype(F32)
+    return jnp.where(neg == 1, -a, a) + shift[:, :, None]
+
+
+def _deq_tile(s: MatSpec, R: _Refs, tabs, r0, k0, BR: int, BK: int) -> jax.Array:
+    """Dequantized W[r0:r0+BR, k0:k0+BK] as f32, zero outside the matrix."""
+    rows = r0 + _iota(BR)
+    cols = k0 + _iota(BK)
+    rmask = rows < s.m
+    valid = rmask[:, None] & (cols < s.n)[None, :]
+    if s.kind == "dense":
+        w = plgpu.load(R.codes.at[pl.ds(r0, BR), pl.ds(k0, BK)], mask=valid, other=0)
+        return w.astype(F32)
+    if s.kind == "uniform":
+        c = _uniform_codes(s, R.codes, r0, rows, rmask, k0, BR, BK).astype(F32)
+        sc = _group_tile(s, R.scales, r0, rows, rmask, k0, cols, BR, BK)
+        if s.has_zeros:
+            w = sc * c + _group_tile(s, R.zeros, r0, rows, rmask, k0, cols, BR, BK)
+        else:
+            w = sc * (c - (2 ** s.bits - 1) / 2)
+        return jnp.where(valid, w, 0.0)
+    # e8p
+    V = BK // 8
+    vc = k0 // 8 + _iota(V)
+    vm = rmask[:, None] & (vc < s.n_words)[None, :]
+    c = plgpu.load(R.codes.at[pl.ds(r0, BR), pl.ds(k0 // 8, V)], mask=vm, other=0).astype(jnp.int32)
+    tab_abs, tab_1bit = tabs
+    val = _e8p_decode(c, tab_abs)
+    if s.has_codes2:
+        c2 = plgpu.load(R.codes2.at[pl.ds(r0, BR), pl.ds(k0 // 8, V)], mask=vm,
+                        other=0).astype(jnp.int32)
+        if s.bits == 3:
+            j = _iota(8)
+            val = val + plgpu.load(tab_1bit.at[c2[:, :, None] * 8 + j[None, None, :]]) * (1.0 / e8p.RVQ3_GAIN)
+        else:
+            val = val + _e8p_decode(c2, tab_abs) * (1.0 / e8p.RVQ4_GAIN)
+    sc = plgpu.load(R.scales.at[pl.ds(r0, BR), pl.ds(0, 1)], mask=rmask[:, None], other=0).astype(F32)
+    return jnp.where(valid, val.reshape(BR, BK) * sc, 0.0)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    transpose: bool      # False: out = x·Wᵀ (+ t·Fᵀ), W [m, n], x [rows, n], F [m, r]
+                         # True:  out = u·W  (+ t·F ), W [m, n], u [rows, m], F [r, n]
+    gemv: bool
+    rows: int
+    mat: MatSpec
+    fac: MatSpec | None
+    rank: int
+    rp: int              # rank padded (power of two, multiple of the factor's chunk, >= 16)
+    has_tabs: bool
+    BO: int              # output tile (columns of out): forward m-tile, transposed n-tile
+    BK: int              # reduction step: forward over n, transposed over m
+    BM: int              # activation rows per program (GEMM)
+    splits: int
+    f32_dot: bool        # IEEE f32 dots (fp32 activations) or 16-bit operands
+    cdt: object          # dot operand dtype
+
+
+def _kernel(*refs, p: _Plan):
+    it = iter(refs)
+    x_ref = next(it)
+    W = _Refs(p.mat, it)
+    tabs = (next(it), next(it)) if p.has_tabs else None
+    if p.fac is not None:
+        t_ref = next(it)
+        Fr = _Refs(p.fac, it)
+    sc_ref = next(it)
+    o_ref = next(it)
+    s = p.mat
+    red = s.m if p.transpose else s.n              # length of the reduction
+    out_len = s.n if p.transpose else s.m
+    nk = pl.cdiv(red, p.BK)
+    i = pl.program_id(0)
+    o0 = i * p.BO
+    ocols = o0 + _iota(p.BO)
+    omask = ocols < out_len
+    hi = jax.lax.Precision.HIGHEST if p.f32_dot else None
+
+    def w_tile(kk):
+        # forward: rows of W = output columns, columns = reduction; transposed: the other way
+        if p.transpose:
+            return _deq_tile(s, W, tabs, kk * p.BK, o0, p.BK, p.BO)        # [BK, BO]
+        return _deq_tile(s, W, tabs, o0, kk * p.BK, p.BO, p.BK)            # [BO, BK]
+
+    def f_tile():
+        if p.transpose:
+            return _deq_tile(p.fac, Fr, tabs, 0, o0, p.rp, p.BO)           # [rp, BO]
+        return _deq_tile(p.fac, Fr, tabs, o0, 0, p.BO, p.rp)               # [BO, rp]
+
+    scale = sc_ref[0]
+    if p.gemv:
+        S = p.splits
+        sp = pl.program_id(1)
+        kps = pl.cdiv(nk, S)
+        RP = p.BM                                 # rows padded to a power of two
+        rr = _iota(RP)
+        rm = rr < p.rows
+
+        def contract(w, v):                       # w tile, v [RP, BK] -> [RP, BO]
+            if p.transpose:                       # w [BK, BO]
+                return jnp.sum(v[:, :, None] * w[None, :, :], axis=1)
+            return jnp.sum(v[:, None, :] * w[None, :, :], axis=2)      # w [BO, BK]
+
+        def body(kk, acc):
+            w = w_tile(kk)
+            kc = kk * p.BK + _iota(p.BK)
+            v = plgpu.load(x_ref.at[pl.ds(0, RP), pl.ds(kk * p.BK, p.BK)],
+                           mask=rm[:, None] & (kc < red)[None, :], other=0)
+            return acc + contract(w, v.astype(F32))
+
+        lo = sp * kps
+        acc = jax.lax.fori_loop(lo, jnp.minimum(lo + kps, nk), body, jnp.zeros((RP, p.BO), F32))
+        if p.fac is not None:
+            def epilogue(acc):
+                rc = _iota(p.rp)
+                tt = plgpu.load(t_ref.at[pl.ds(0, RP), pl.ds(0, p.rp)],
+                                mask=rm[:, None] & (rc < p.rank)[None, :], other=0)
+                return acc + contract(f_tile(), tt.astype(F32))
+            acc = jax.lax.cond(sp == 0, epilogue, lambda a: a, acc)
+        plgpu.store(o_ref.at[sp, pl.ds(0, RP), pl.ds(o0, p.BO)], (acc * scale).astype(o_ref.dtype),
+                    mask=rm[:, None] & omask[None, :])
+        return
+
+    # GEMM
+    j = pl.program_id(1)
+    q0 = j * p.BM
+    xr = q0 + _iota(p.BM)
+    xm = xr < p.rows
+
+    def dot(a, b, contract_b):
+        return jax.lax.dot_general(a.astype(p.cdt), b.astype(p.cdt), (((1,), (contract_b,)), ((), ())),
+                                   precision=hi, preferred_element_type=F32)
+
+    def body(kk, acc):
+        w = w_tile(kk)
+        kc = kk * p.BK + _iota(p.BK)
+        xt = plgpu.load(x_ref.at[pl.ds(q0, p.BM), pl.ds(kk * p.BK, p.BK)],
+                        mask=xm[:, None] & (kc < red)[None, :], other=0)
+        return acc + dot(xt, w, 0 if p.transpose else 1)
+
+    acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((p.BM, p.BO), F32))
+    if p.fac is not None:
+        rc = _iota(p.rp)
+        tt = plgpu.load(t_ref.at[pl.ds(q0, p.BM), pl.ds(0, p.rp)],
+                        mask=xm[:, None] & (rc < p.rank)[None, :], other=0)
+        acc = acc + dot(tt, f_tile(), 0 if p.transpose else 1)
+    plgpu.store(o_ref.at[pl.ds(q0, p.BM), pl.ds(o0, p.BO)], (acc * scale).astype(o_ref.dtype),
+                mask=xm[:, None] & omask[None, :])
+
+
+def gemv_tile(rp: int, transpose: bool, tiles: Tiles = DEFAULT_TILES) -> tuple[int, int]:
+    """(BO, BK) of the GEMV kernels for rp (power-of-two) rows, keeping the [rp, BO, BK] product
+    within tiles.gemv_elems (a ptxas check for sm_90 showed spills above ~8K fp32 elements per
+    4-warp program). Forward: BO rows of W per program, BK >= 32 columns per step (3-bit chunks);
+    transposed: BO >= 32 columns of W per program, BK rows per step."""
+    E = tiles.gemv_elems
+    if not transpose:
+        BO = tiles.gemv_bn
+        BK = max(32, min(tiles.gemv_bk, E // (rp * BO)))
+        if rp * BO * BK > E:
+            BO = max(16, E // (rp * BK))
+        return BO, BK
+    E //= 2                               # the column reduction keeps more live values (spills at 8K)
+    BO = max(32, min(tiles.gemv_bt, E // (rp * 8)))
+    BK = max(8, min(tiles.gemv_bn, E // (rp * BO)))
+    return BO, BK
+
+
+def _rank_pad(fac: MatSpec | None, transpose: bool, rank: int) -> int:
+    if fac is None:
+        return 16
+    ch = fac.chunk if not transpose else 1      # forward: rank runs along F's columns
+    return _pow2_at_least(max(rank, 16), max(16, ch))
+
+
+def matmul(x2: jax.Array, pm: PackedMatrix, *, transpose: bool = False,
+           epi: tuple[jax.Array, PackedMatrix] | None = None, scale=None, out_dtype=F32,
+           tiles: Tiles = DEFAULT_TILES, interpret: bool | None = None) -> jax.Array:
+    """forward:    x2 [rows, n] -> (x2 · Wᵀ + t · Fᵀ) · scale  [rows, m]   (epi = (t [rows, r], F [m, r]))
+    transpose:  x2 [rows, m] -> (x2 · W  + t · F ) · scale  [rows, n]   (epi = (t [rows, r], F [r, n]))
+    with W = dequantize(pm) never materialised. f32 accumulation; 16-bit x2 feeds 16-bit dots."""
+    s = MatSpec.of(pm)
+    rows = x2.shape[0]
+    red = s.m if transpose else s.n
+    out_len = s.n if transpose else s.m
+    if x2.shape[1] != red:
+        raise ValueError(f"matmul: x has {x2.shape[1]} features, the matrix needs {red}")
+    fac = None if epi is None else MatSpec.of(epi[1])
+    rank = 0 if epi is None else epi[0].shape[1]
+    gemv = rows <= tiles.gemv_max_rows
+    if gemv:
+        BM = _pow2_at_least(rows, 1)       # all rows in one program, padded to a power of two
+        BO, BK = gemv_tile(BM, transpose, tiles)
+    else:
+        BO, BK, BM = tiles.gemm_bn, tiles.gemm_bk, tiles.gemm_bm
+        if transpose:
+            BO = max(BO, 32)
+    if transpose:
+        assert BO % 32 == 0
+    else:
+        assert BK % 32 == 0
+    n_out_tiles = pl.cdiv(out_len, BO)
+    nk = pl.cdiv(red, BK)
+    if gemv:
+        S = tiles.gemv_splits or max(1, min(nk, -(-tiles.target_programs // n_out_tiles)))
+        S = min(S, nk)
+        S = pl.cdiv(nk, pl.cdiv(nk, S))    # no empty split
+        grid = (n_out_tiles, S)
+        out_shape = jax.ShapeDtypeStruct((S, rows, out_len), F32)
+    else:
+        S = 1
+        grid = (n_out_tiles, pl.cdiv(rows, BM))
+        out_shape = jax.ShapeDtypeStruct((rows, out_len), out_dtype)
+    f32_dot = x2.dtype == F32
+    plan = _Plan(transpose, gemv, rows, s, fac, rank, _rank_pad(fac, transpose, rank),
+                 s.kind == "e8p" or (fac is not None and fac.kind == "e8p"), BO, BK, BM, S,
+                 f32_dot, F32 if f32_dot else x2.dtype)
+    args = [x2, *_operands(pm)]
+    if plan.has_tabs:
+        ta, t1 = e8p_tables()
+        args += [jnp.asarray(ta), jnp.asarray(t1)]
+    if epi is not None:
+        args += [epi[0], *_operands(epi[1])]
+    args.append(jnp.reshape(jnp.asarray(1.0 if scale is None else scale, F32), (1,)))
+    interp = resolve_interpret(interpret)
+    out = pl.pallas_call(functools.partial(_kernel, p=plan), out_shape=out_shape, grid=grid,
+                         interpret=interp, name=f"qlr_{'gemv' if gemv else 'gemm'}{'_t' if transpose else ''}",
+                         compiler_params=compiler_params(interp, tiles.num_warps, tiles.num_stages))(*args)
+    if gemv:
+        out = (out[0] if S == 1 else jnp.sum(out, axis=0)).astype(out_dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- the QLR linear
+
+def qlr_forward(x: jax.Array, w, *, tiles: Tiles = DEFAULT_TILES, interpret: bool | None = None):
+    """x [..., n] -> x·Wᵀ [..., m] in x's dtype, for one (unstacked) QLRWeight."""
+    from kernels import hadamard
+    m, n = w.shape
+    if x.shape[-1] != n:
+        raise ValueError(f"qlr_linear: x has {x.shape[-1]} features, weight expects {n}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    rows = x2.shape[0]
+    gemv = rows <= tiles.gemv_max_rows
+    act_dt = F32 if (gemv or x.dtype == F32) else x.dtype     # 16-bit operands for tensor cores
+    hb = dict(backend="pallas", interpret=interpret)
+    xt = hadamard.transform_in(x2, w.signs_in, out_dtype=act_dt, **hb) if w.signs_in is not None \
+        else x2.astype(act_dt)
+    epi = None
+    if w.l is not None:
+        t = matmul(xt, w.r, tiles=tiles, interpret=interpret)                       # [rows, r] f32
+        epi = (t.astype(act_dt), w.l)
+    out_dt = F32 if w.signs_out is not None else x.dtype
+    y = matmul(xt, w.q, epi=epi, scale=w.scale, out_dtype=out_dt, tiles=tiles, interpret=interpret)
+    if w.signs_out is not None:
+        y = hadamard.transform_out(y, w.signs_out, out_dtype=x.dtype, **hb)
+    return y.reshape(lead + (m,))
+
+
+def qlr_transpose(dy: jax.Array, w, *, tiles: Tiles = DEFAULT_TILES, interpret: bool | None = None):
+    """dy [..., m] -> dy·W [..., n] in dy's dtype (the VJP of qlr_forward w.r.t. x)."""
+    from kernels import hadamard
+    m, n = w.shape
+    lead = dy.shape[:-1]
+    u = dy.reshape(-1, m)
+    rows = u.shape[0]
+    gemv = rows <= tiles.gemv_max_rows
+    act_dt = F32 if (gemv or dy.dtype == F32) else dy.dtype
+    hb = dict(backend="pallas", interpret=interpret)
+    u = hadamard.transform_in(u, w.signs_out, out_dtype=act_dt, **hb) if w.signs_out is not None \
+        else u.astype(act_dt)
+    epi = None
+    if w.l is not None:
+        t2 = matmul(u, w.l, transpose=True, tiles=tiles, interpret=interpret)       # [rows, r]
+        epi = (t2.astype(act_dt), w.r)
+    out_dt = F32 if w.signs_in is not None else dy.dtype
+    z = matmul(u, w.q, transpose=True, epi=epi, scale=w.scale, out_dtype=out_dt, tiles=tiles,
+               interpret=interpret)
+    if w.signs_in is not None:
+        z = hadamard.transform_out(z, w.signs_in, out_dtype=dy.dtype, **hb)
+    return z.reshape(lead + (n,))
