@@ -46,6 +46,7 @@ from safetensors.numpy import save_file
 
 from caldera_jax.config import ModelConfig
 from caldera_jax.params import Params, layer_prefix, layer_shapes, unflatten
+from checkpoints_io.atomic import fsync_path
 from checkpoints_io.errors import CheckpointError
 
 FORMAT = "caldera-jax-compressed"
@@ -63,14 +64,6 @@ def layer_file(i: int) -> str:
 
 
 # ------------------------------------------------------------------ atomic files
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp_name(path: str) -> str:
     d, b = os.path.split(path)
     return os.path.join(d, f".{b}.tmp-{os.getpid()}")
@@ -84,7 +77,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(os.path.dirname(path) or ".")
+    fsync_path(os.path.dirname(path) or ".")
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -99,13 +92,13 @@ def atomic_save_safetensors(path: str, tensors: dict[str, np.ndarray], meta: dic
                   # one metadata key: safetensors writes a multi-key map in no fixed order
                   metadata={"caldera": json.dumps({"format": FORMAT, **meta}, sort_keys=True)})
         os.chmod(tmp, 0o644)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync(os.path.dirname(path) or ".")
+    fsync_path(os.path.dirname(path) or ".")
 
 
 def remove_stale_temps(out_dir: str) -> None:

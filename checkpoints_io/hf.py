@@ -38,6 +38,7 @@ from safetensors.numpy import save_file
 
 from caldera_jax.config import ARCHITECTURES, ModelConfig
 from caldera_jax.params import Params, flatten, layer_prefix, layer_shapes, param_shapes, unflatten
+from checkpoints_io.atomic import fsync_path
 from checkpoints_io.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -354,14 +355,6 @@ def _shards(tensors: list[_DiskTensor], max_shard_bytes: int) -> list[list[_Disk
     return shards
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: str, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -379,7 +372,7 @@ def _write_weights(tmp: str, tensors: list[_DiskTensor], max_shard_bytes: int) -
         fname = SINGLE_FILE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
         save_file({t.name: t.get() for t in shard}, os.path.join(tmp, fname), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, fname), 0o644)   # safetensors creates files 0600
-        _fsync(os.path.join(tmp, fname))
+        fsync_path(os.path.join(tmp, fname))
         weight_map.update({t.name: fname for t in shard})
     if n > 1:
         _write_json(os.path.join(tmp, INDEX_FILE), {
@@ -399,7 +392,7 @@ def _copy_tokenizer(tokenizer_dir: str, tmp: str) -> None:
                               f"(looked for {', '.join(_TOKENIZER_FILES)})")
     for f in names:
         shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(tmp, f))
-        _fsync(os.path.join(tmp, f))
+        fsync_path(os.path.join(tmp, f))
 
 
 def _hf_config(cfg: ModelConfig, saved_dtype: str) -> dict[str, Any]:
@@ -432,7 +425,7 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
             os.rename(old, out_dir)
             raise
         shutil.rmtree(old)
-    _fsync(os.path.dirname(out_dir))
+    fsync_path(os.path.dirname(out_dir))
 
 
 def save_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, *,
@@ -465,7 +458,7 @@ def save_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, *,
                     generation_config if generation_config is not None else _generation_config(cfg))
         if tokenizer_dir is not None:
             _copy_tokenizer(os.fspath(tokenizer_dir), tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
