@@ -38,17 +38,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from caldera_jax.caldera import incoherence
 from caldera_jax.caldera.quant import packing
+from kernels.tiling import pow2_at_least
 
 MAX_B = 64           # inner (Sylvester) factor size of the two-factor split
 ROWS = 8             # rows per program of the one-pass Pallas kernel
 MAX_A = 64           # outer factor (padded) above which the two-pass kernels are used
-
-
-def _pow2_at_least(v: int, lo: int = 16) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,7 +198,7 @@ def _fwht_pallas(x, pre_bits, post_bits, transpose, scale, out_dtype, interpret)
     x2 = x.reshape(-1, n)
     rows = x2.shape[0]
     a, b, HA, HB = split(n)
-    ap, bp = _pow2_at_least(a), _pow2_at_least(b)
+    ap, bp = pow2_at_least(a, 16), pow2_at_least(b, 16)
     HAp = np.zeros((ap, ap), np.float32); HAp[:a, :a] = HA
     HBp = np.zeros((bp, bp), np.float32); HBp[:b, :b] = HB
     from kernels.qlr_pallas import compiler_params, resolve_interpret

@@ -56,6 +56,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from caldera_jax.caldera.quant import e8p
 from caldera_jax.caldera.quant.packing import PackedMatrix
+from kernels.tiling import pow2_at_least
 
 F32 = jnp.float32
 
@@ -98,13 +99,6 @@ def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 3):
 
 def _iota(n: int) -> jax.Array:
     return jax.lax.iota(jnp.int32, n)
-
-
-def _pow2_at_least(v: int, lo: int) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
 
 
 # ----------------------------------------------------------------------------- matrix specs
@@ -409,7 +403,7 @@ def _rank_pad(fac: MatSpec | None, transpose: bool, rank: int) -> int:
     if fac is None:
         return 16
     ch = fac.chunk if not transpose else 1      # forward: rank runs along F's columns
-    return _pow2_at_least(max(rank, 16), max(16, ch))
+    return pow2_at_least(max(rank, 16), max(16, ch))
 
 
 def matmul(x2: jax.Array, pm: PackedMatrix, *, transpose: bool = False,
@@ -428,7 +422,7 @@ def matmul(x2: jax.Array, pm: PackedMatrix, *, transpose: bool = False,
     rank = 0 if epi is None else epi[0].shape[1]
     gemv = rows <= tiles.gemv_max_rows
     if gemv:
-        BM = _pow2_at_least(rows, 1)       # all rows in one program, padded to a power of two
+        BM = pow2_at_least(rows, 1)       # all rows in one program, padded to a power of two
         BO, BK = gemv_tile(BM, transpose, tiles)
     else:
         BO, BK, BM = tiles.gemm_bn, tiles.gemm_bk, tiles.gemm_bm

@@ -42,6 +42,7 @@ import numpy as np
 from caldera_jax.caldera.quant import e8p
 from caldera_jax.caldera.quant.packing import PackedMatrix
 from kernels.qlr_pallas import DEFAULT_TILES, MatSpec, Tiles, e8p_tables, gemv_tile
+from kernels.tiling import pow2_at_least
 
 try:
     import triton
@@ -218,13 +219,6 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------- launch plan
 
-def _pow2(v: int, lo: int = 1) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
-
-
 @dataclasses.dataclass(frozen=True)
 class Launch:
     grid: tuple[int, int]
@@ -247,7 +241,7 @@ def plan(rows: int, pm: PackedMatrix, *, transpose: bool = False, epi=None,
     red, out_len = (s.m, s.n) if transpose else (s.n, s.m)
     gemv = rows <= tiles.gemv_max_rows
     if gemv:
-        BR = _pow2(rows)
+        BR = pow2_at_least(rows, 1)
         BO, BK = gemv_tile(BR, transpose, tiles)
         n_out = math.ceil(out_len / BO)
         nk = math.ceil(red / BK)
@@ -265,7 +259,7 @@ def plan(rows: int, pm: PackedMatrix, *, transpose: bool = False, epi=None,
     if epi is not None:
         fs = MatSpec.of(epi[1])
         rank = epi[0].shape[1]
-        c.update(HAS_F=1, RANK=rank, F_M=fs.m, F_N=fs.n, RP=_pow2(rank, 16), **_mat_consts("F", fs, epi[1]))
+        c.update(HAS_F=1, RANK=rank, F_M=fs.m, F_N=fs.n, RP=pow2_at_least(rank, 16), **_mat_consts("F", fs, epi[1]))
     else:
         c.update(HAS_F=0, RANK=1, F_M=1, F_N=1, RP=16, F_SC=1, F_SC2=0, F_SS=0, F_KIND=2, F_BITS=16,
                  F_GROUP=1, F_Z=0)
