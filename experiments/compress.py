@@ -664,18 +664,22 @@ def plot_errors(rows: list[dict], path: str) -> None:
 
 
 # ============================================================================ 7. perplexity
-def perplexity_before_after(inp: dict, args) -> dict[str, Any]:
+def source_params(src) -> dict:
+    """The uncompressed model's parameters (float32 jax arrays) from an open source."""
     import jax
     import jax.numpy as jnp
+    if hasattr(src, "read_all"):
+        return jax.tree.map(jnp.asarray, src.read_all(jnp.float32))
+    from caldera_jax.params import unflatten
+    return unflatten({n: jnp.asarray(src.read(n), jnp.float32) for n in src.names()})
 
+
+def perplexity_before_after(inp: dict, args) -> dict[str, Any]:
     from caldera_jax.eval.perplexity import model_perplexity
     from checkpoints_io.compressed import load_compressed
     src = inp["source"]
     kw = dict(seq_len=args.ppl_seq_len, max_tokens=args.ppl_tokens, batch_size=4)
-    params = jax.tree.map(jnp.asarray, src.read_all(jnp.float32)) if hasattr(src, "read_all") else None
-    if params is None:
-        from caldera_jax.params import unflatten
-        params = unflatten({n: jnp.asarray(src.read(n), jnp.float32) for n in src.names()})
+    params = source_params(src)
     before = model_perplexity(params, src.cfg, inp["ppl_ids"], **kw)
     del params
     cfg, cparams = load_compressed(args.out, source=src)      # refuses a different source model
