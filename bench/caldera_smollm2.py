@@ -158,7 +158,7 @@ def plot(rows: list[dict], base_ppl: float, path: str) -> None:
                         textcoords="offset points", xytext=(3, 3))
     axes[1].axhline(base_ppl, color="k", lw=0.8, label=f"uncompressed {base_ppl:.2f}")
     axes[0].set_ylabel("mean relative Frobenius error")
-    axes[1].set_ylabel("perplexity (held-out Shakespeare); above 300: off the chart")
+    axes[1].set_ylabel("perplexity, held-out (capped at 300)")
     axes[1].set_yscale("log")
     axes[1].set_ylim(0.95 * base_ppl, 300)
     for ax in axes:
