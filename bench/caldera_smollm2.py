@@ -4,9 +4,10 @@
                                     [--ppl-tokens 8192] [--keep-checkpoints]
 
 Grid: Q quantizer {uniform (groupwise, group 64, symmetric), E8P} x b_q {2, 3, 4} x incoherence
-{on, off} x {Q-only (rank 0), CALDERA rank 64 with 4-bit L/R}. Everything else is the default job
-(configs/smollm2_default.yaml: iters 1, lplr_iters 1, requant_sweeps 0, LDLQ, 32 x 256 Shakespeare
-calibration tokens, `--mesh auto`). Each setting runs `experiments.compress` end to end (calibration,
+{on, off} x {Q-only (rank 0), CALDERA rank 64 with 4-bit L/R}. Everything else is the default
+job's schedule (iters 1, lplr_iters 1, requant_sweeps 0, LDLQ, 32 x 256 Shakespeare calibration
+tokens, `--mesh auto`) with the library's default order, the LR step first (BASE below; the
+default job itself now takes the Q step first, from the ablation). Each setting runs `experiments.compress` end to end (calibration,
 decomposition, the compressed checkpoint), then the perplexity of the checkpoint as
 `load_compressed` gives it, on the held-out Shakespeare plays (fixed token budget, 512-token
 windows); the uncompressed model's perplexity is measured once on the same windows.
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default=os.path.join("runs", "caldera-table"))
     ap.add_argument("--only", default="", help="comma-separated setting names (default: the whole grid)")
     ap.add_argument("--ablations", action="store_true",
-                    help="also the order / schedule ablations (VARIANTS) at three rank-64 settings")
+                    help="also the order / schedule ablations (VARIANTS) at three rank-64 settings and "
+                         "the rank sweep (ablations())")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--keep-checkpoints", action="store_true")
     ap.add_argument("--out", default=os.path.join("bench", "results", "caldera_smollm2.json"))
