@@ -47,43 +47,42 @@ def choose_backend(x: jax.Array, w) -> str:
     return choose(x, w)
 
 
-def _xla(x: jax.Array, w) -> jax.Array:
+def _xla_product(v: jax.Array, q, a, b, s_in, s_out, scale) -> jax.Array:
+    """v [..., k] -> scale · fwht_out(fwht_in(v, s_in)·(qᵀ + aᵀ·bᵀ), s_out) with q [o, k], a [r, k],
+    b [o, r] dequantized f32 (a, b None: no low-rank term; signs None: no rotation), in v's dtype."""
     from caldera_jax.caldera import incoherence
-    from caldera_jax.caldera.quant import packing
     hi = jax.lax.Precision.HIGHEST
+    u = v.astype(jnp.float32)
+    if s_in is not None:
+        u = incoherence.transform_in(u, s_in)
+    y = jnp.einsum("...k,ok->...o", u, q, precision=hi)
+    if a is not None:
+        t = jnp.einsum("...k,rk->...r", u, a, precision=hi)
+        y = y + jnp.einsum("...r,or->...o", t, b, precision=hi)
+    if s_out is not None:
+        y = incoherence.transform_out(y, s_out)
+    return (y * scale).astype(v.dtype)
+
+
+def _xla(x: jax.Array, w) -> jax.Array:
+    """x [..., n] -> x·Wᵀ [..., m]: Q dequantized (the XLA path's usual cost), L·R as two thin
+    products (R first)."""
+    from caldera_jax.caldera.quant import packing
     m, n = w.shape
     if x.shape[-1] != n:
         raise ValueError(f"qlr_linear: x has {x.shape[-1]} features, weight expects {n}")
     so, si = w.signs()
-    xf = x.astype(jnp.float32)
-    if si is not None:
-        xf = incoherence.transform_in(xf, si)
-    y = jnp.einsum("...i,oi->...o", xf, packing.dequantize(w.q), precision=hi)
-    if w.l is not None:
-        t = jnp.einsum("...i,ri->...r", xf, packing.dequantize(w.r), precision=hi)
-        y = y + jnp.einsum("...r,or->...o", t, packing.dequantize(w.l), precision=hi)
-    if so is not None:
-        y = incoherence.transform_out(y, so)
-    return (y * w.scale).astype(x.dtype)
+    lr = (None, None) if w.l is None else (packing.dequantize(w.r), packing.dequantize(w.l))
+    return _xla_product(x, packing.dequantize(w.q), *lr, si, so, w.scale)
 
 
 def _xla_transpose(dy: jax.Array, w) -> jax.Array:
-    """dy [..., m] -> dy·W [..., n]: scale · fwht_out(fwht_in(dy, s_out)·(Q + L·R), s_in), with Q
-    dequantized (the XLA path's usual cost) and L·R applied as two thin products."""
-    from caldera_jax.caldera import incoherence
+    """dy [..., m] -> dy·W [..., n]: the same product with Q, L, R transposed and the two rotations
+    swapped (L first)."""
     from caldera_jax.caldera.quant import packing
-    hi = jax.lax.Precision.HIGHEST
     so, si = w.signs()
-    u = dy.astype(jnp.float32)
-    if so is not None:
-        u = incoherence.transform_in(u, so)
-    z = jnp.einsum("...o,oi->...i", u, packing.dequantize(w.q), precision=hi)
-    if w.l is not None:
-        t = jnp.einsum("...o,or->...r", u, packing.dequantize(w.l), precision=hi)
-        z = z + jnp.einsum("...r,ri->...i", t, packing.dequantize(w.r), precision=hi)
-    if si is not None:
-        z = incoherence.transform_out(z, si)
-    return (z * w.scale).astype(dy.dtype)
+    lr = (None, None) if w.l is None else (packing.dequantize(w.l).T, packing.dequantize(w.r).T)
+    return _xla_product(dy, packing.dequantize(w.q).T, *lr, so, si, w.scale)
 
 
 def _pallas(x, w):
