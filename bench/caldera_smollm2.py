@@ -104,7 +104,7 @@ def run_setting(s: Setting, work: str, ppl_ids, ppl_kw: dict, source, keep: bool
     import yaml
 
     from caldera_jax.eval.perplexity import model_perplexity
-    from checkpoints_io.compressed import load_compressed
+    from caldera_jax.checkpoints_io.compressed import load_compressed
     from experiments import compress
 
     cfg_path = os.path.join(work, "configs", s.name + ".yaml")
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.common import write_report
     from caldera_jax.eval.perplexity import model_perplexity
-    from checkpoints_io.fingerprint import open_source
-    from checkpoints_io.model_source import load_tokenizer
+    from caldera_jax.checkpoints_io.fingerprint import open_source
+    from caldera_jax.checkpoints_io.model_source import load_tokenizer
     from experiments import assets
     from experiments.compress import source_params
     from experiments.perplexity import tokenize_text

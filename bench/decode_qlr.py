@@ -40,7 +40,7 @@ def random_qlr_params(params, fmt: str, backend: str, seed: int = 0, dtype=jnp.b
     """Every decoder linear replaced by a random-code QLRWeight of the same shape; the other
     parameters cast to dtype (which sets the activation dtype)."""
     from bench.qlr_linear import FORMATS
-    from kernels.qlr_random import random_qlr
+    from caldera_jax.kernels.qlr_random import random_qlr
     q, rank, fac = FORMATS[fmt]
     rng = np.random.default_rng(seed)
     flat = params_lib.flatten(params)
@@ -89,14 +89,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default="bench/results/decode_qlr.json")
     args = ap.parse_args(argv)
-    from checkpoints_io.hf import load_hf
+    from caldera_jax.checkpoints_io.hf import load_hf
     if args.model is None:
         from experiments.assets import asset_path
         args.model = str(asset_path("smollm2-135m-instruct"))
     cfg, p32 = load_hf(args.model, dtype=jnp.float32)
     models = {"float32": p32, "bfloat16": jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), p32)}
     if args.compressed:
-        from checkpoints_io.compressed import load_compressed
+        from caldera_jax.checkpoints_io.compressed import load_compressed
         _, pq = load_compressed(args.compressed, dtype=jnp.bfloat16)
         label = f"qlr ({os.path.basename(args.compressed.rstrip('/'))}, backend {args.backend})"
         pq = params_lib.unflatten({k: (v.with_backend(args.backend) if hasattr(v, "with_backend") else v)

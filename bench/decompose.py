@@ -58,17 +58,17 @@ def _block(out):
     return out
 
 
-def speed_row(w, h, repeats: int) -> dict:
+def speed_row(w, h, repeats: int, budget: MatrixBudget = SPEED) -> dict:
     wj, hj = jnp.asarray(w), jnp.asarray(h)
-    key = jax.random.PRNGKey(SPEED.seed)
+    key = jax.random.PRNGKey(budget.seed)
     t0 = time.perf_counter()
-    D._core_jit.lower(wj, hj, key, budget=SPEED, mode="ldlq", svd_method="auto").compile()
+    D._core_jit.lower(wj, hj, key, budget=budget, mode="ldlq", svd_method="auto").compile()
     compile_s = time.perf_counter() - t0
-    _, met = _block(D.decompose(w, h, SPEED))                       # warm-up (fills the jit cache)
+    _, met = _block(D.decompose(w, h, budget))                       # warm-up (fills the jit cache)
     cpu0 = time.process_time()
-    run_s, runs = median_time(lambda: _block(D.decompose(w, h, SPEED)), repeats, warmup=0)
+    run_s, runs = median_time(lambda: _block(D.decompose(w, h, budget)), repeats, warmup=0)
     cpu_s = (time.process_time() - cpu0) / repeats
-    return dict(case="speed: e8p2 + 4-bit LR r64, inc, 5x10 iters, 10 sweeps", m=w.shape[0],
+    return dict(case=f"speed: e8p2 + 4-bit LR r{budget.rank}, inc, 5x10 iters, 10 sweeps", m=w.shape[0],
                 n=w.shape[1], compile_s=round(compile_s, 2), run_s=round(run_s, 3),
                 runs_s=[round(t, 3) for t in runs], cpu_s_per_run=round(cpu_s, 2),
                 rel_err_h=float(met["rel_err_h"]), rel_fro=float(met["rel_fro"]),
@@ -118,12 +118,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=SPEED.rank, help="rank of the speed case (the GPU goal: 4096 at 256)")
     ap.add_argument("--skip-table", action="store_true")
     ap.add_argument("--out", default="bench/results/decompose.json")
     args = ap.parse_args(argv)
     w, h = make_problem(args.size)
     load0 = _load()
-    speed = speed_row(w, h, args.repeats)
+    speed = speed_row(w, h, args.repeats, SPEED.replace(rank=args.rank))
     print(speed, flush=True)
     rows = [] if args.skip_table else table_rows(w, h)
     cols = ["quantizer", "b_q", "incoherence", "method", "rel_err_h", "rel_fro", "corr", "bits",
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
         rows = [dict(quantizer="(table skipped)")]
     write_report(args.out, "decompose", rows, cols,
                  extra=dict(speed=speed, load_avg_before=load0, load_avg_after=_load(),
-                            budget=SPEED.__dict__, note="time_s in the table includes XLA "
+                            budget=SPEED.replace(rank=args.rank).__dict__, note="time_s in the table includes XLA "
                             "compilation (one compile per configuration)"))
     print(f"speed: compile {speed['compile_s']} s, run {speed['run_s']} s "
           f"(median of {args.repeats}; CPU {speed['cpu_s_per_run']} s/run), "

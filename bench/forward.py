@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.common import median_time, write_report
 from caldera_jax.models.decoder import decode_step, forward, prefill
-from checkpoints_io.hf import load_hf
+from caldera_jax.checkpoints_io.hf import load_hf
 
 
 def _torch_model(model_dir: str, threads: int):

@@ -209,10 +209,12 @@ def main(argv=None) -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--capacity-factor", type=float, default=1.25)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
+    ap.add_argument("--ep", type=int, default=8, help="expert-parallel devices (8 fake CPU devices by default; "
+                    "1 on a single GPU)")
     ap.add_argument("--out", default="bench/results/moe_ep.json")
     args = ap.parse_args(argv)
     cfg = layer_config(args.experts)
-    mesh = make_mesh(ep=8)
+    mesh = make_mesh(ep=args.ep)
     params, x, r = init(cfg, args.tokens)
     prepared = []
     for codec in codecs():
@@ -255,11 +257,11 @@ def main(argv=None) -> None:
     print("\nassumptions:\n" + "\n".join(f"  - {a}" for a in ASSUMPTIONS))
     print("\nmeasured:")
     write_report(args.out, "moe_ep", rows, cols,
-                 extra={"mesh": "ep=8 (fake CPU devices)", "tokens": args.tokens, "experts": args.experts,
+                 extra={"mesh": f"ep={args.ep} ({jax.devices()[0].device_kind})", "tokens": args.tokens, "experts": args.experts,
                         "hidden": cfg.hidden_size, "expert_width": cfg.moe_intermediate_size,
                         "top_k": cfg.num_experts_per_tok, "capacity_factor": args.capacity_factor,
                         "repeats": args.repeats, "projection": projection, "assumptions": ASSUMPTIONS,
-                        "gpu": "missing: no GPU lent to this session"})
+                        "device": jax.default_backend()})
 
 
 if __name__ == "__main__":

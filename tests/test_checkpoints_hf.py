@@ -1,4 +1,4 @@
-"""HF safetensors checkpoints: transformers <-> checkpoints_io.hf, layouts, bf16, bad input, atomicity."""
+"""HF safetensors checkpoints: transformers <-> caldera_jax.checkpoints_io.hf, layouts, bf16, bad input, atomicity."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from caldera_jax.config import ConfigError, ModelConfig  # noqa: E402
 from caldera_jax.params import flatten, layer_prefix, param_shapes, unflatten  # noqa: E402
-from checkpoints_io import CheckpointError, load_hf, open_hf, save_hf  # noqa: E402
+from caldera_jax.checkpoints_io import CheckpointError, load_hf, open_hf, save_hf  # noqa: E402
 from tests.hf_tiny import canonical_state_dict, tiny_hf_model, to_numpy  # noqa: E402
 
 CASES = {  # test id -> (model_type, config overrides)

@@ -10,16 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+import torch  # noqa: F401  (the parity reference; a test dependency)
 
 from caldera_jax.caldera.calibration import calibrate, hessian_key  # noqa: E402
 from caldera_jax.caldera.config import compressible  # noqa: E402
 from caldera_jax.caldera.spec import MatrixBudget  # noqa: E402
 from caldera_jax.models.decoder import forward  # noqa: E402
 from caldera_jax.params import flatten, layer_prefix, layer_shapes, unflatten  # noqa: E402
-from checkpoints_io import CheckpointError, load_hf, open_hf  # noqa: E402
-from checkpoints_io import compressed as ck  # noqa: E402
-from checkpoints_io.fingerprint import FingerprintMismatchError, fingerprint, verify  # noqa: E402
+from caldera_jax.checkpoints_io import CheckpointError, load_hf, open_hf  # noqa: E402
+from caldera_jax.checkpoints_io import compressed as ck  # noqa: E402
+from caldera_jax.checkpoints_io.fingerprint import FingerprintMismatchError, fingerprint, verify  # noqa: E402
 from tests.hf_tiny import tiny_hf_model  # noqa: E402
 
 # every linear is 32 x 32 (one compiled decomposition for the whole file)

@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 from caldera_jax.config import ModelConfig  # noqa: E402
 from caldera_jax.params import flatten, param_shapes  # noqa: E402
-from checkpoints_io.errors import CheckpointError  # noqa: E402
-from checkpoints_io.gguf import _permute_qk, gguf_to_hf, hf_name_to_gguf, load_gguf  # noqa: E402
+from caldera_jax.checkpoints_io.errors import CheckpointError  # noqa: E402
+from caldera_jax.checkpoints_io.gguf import _permute_qk, gguf_to_hf, hf_name_to_gguf, load_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -182,8 +182,8 @@ def test_special_tokens_and_dtype(files):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_matches_transformers_gguf_loader(files, arch):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     path = files[arch][0]
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -199,9 +199,9 @@ def test_matches_transformers_gguf_loader(files, arch):
 
 
 def test_gguf_to_hf(files, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from checkpoints_io.hf import load_hf
+    import torch
+    import transformers
+    from caldera_jax.checkpoints_io.hf import load_hf
 
     path, *_ = files["llama"]
     out = tmp_path / "hf"

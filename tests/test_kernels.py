@@ -26,9 +26,9 @@ import pytest
 
 from caldera_jax.caldera import incoherence as inc
 from caldera_jax.caldera.quant import e8p, packing
-from kernels import hadamard, qlr_pallas, select
-from kernels.qlr import BACKENDS, qlr_linear
-from kernels.qlr_random import random_qlr
+from caldera_jax.kernels import hadamard, qlr_pallas, select
+from caldera_jax.kernels.qlr import BACKENDS, qlr_linear
+from caldera_jax.kernels.qlr_random import random_qlr
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = jax.default_backend() == "gpu"
@@ -166,7 +166,7 @@ def test_pallas_interpret_matches_float64(name):
 @pytest.mark.parametrize("name", CASES)
 def test_triton_interpreter_matches_float64(name):
     """The raw @triton.jit kernel in Triton's interpreter, every rows value, both directions."""
-    from kernels import qlr_triton
+    from caldera_jax.kernels import qlr_triton
     w = _weight(name)
     W = reference_w(w)
     m, n = w.shape
@@ -277,7 +277,7 @@ def test_select_env_override(monkeypatch):
 
 
 def test_triton_backend_through_jax_triton():
-    from kernels import qlr_triton
+    from caldera_jax.kernels import qlr_triton
     ok, why = qlr_triton.available()
     if not ok:
         pytest.skip(f"GPU only: {why}")

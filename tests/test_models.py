@@ -14,7 +14,7 @@ import torch
 from caldera_jax import params as params_lib
 from caldera_jax.models import Hooks, decode_step, forward, generate, prefill
 from caldera_jax.models.moe import dense_moe
-from checkpoints_io.hf import load_hf, save_hf
+from caldera_jax.checkpoints_io.hf import load_hf, save_hf
 from tests.hf_tiny import tiny_hf_model
 
 FAMILIES = {

@@ -74,7 +74,7 @@ def test_identity_and_unit_ratio_learned_are_exact():
 
 
 def test_simulated_identity_codec_is_bit_identical(tmp_path):
-    from checkpoints_io.hf import load_hf
+    from caldera_jax.checkpoints_io.hf import load_hf
     cfg, params = load_hf(tiny_hf_model("qwen3_moe", tmp_path)[0])
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
     plain = forward(params, cfg, tokens)
@@ -96,7 +96,7 @@ def test_stale_codec_near_identity_uses_the_reference_state():
 
 # ----------------------------------------------------------------------------------- parameters
 def test_codec_params_in_tree_split_merge_and_train(tmp_path):
-    from checkpoints_io.hf import load_hf
+    from caldera_jax.checkpoints_io.hf import load_hf
     cfg, params = load_hf(tiny_hf_model("qwen3_moe", tmp_path)[0])
     codec = Learned(ratio=4, init_kind="random")
     full = add_codec_params(params, cfg, codec, jax.random.key(0))
@@ -137,7 +137,7 @@ def test_codec_params_in_tree_split_merge_and_train(tmp_path):
 def test_codec_gradients_match_single_device(codec, mode, tmp_path):
     """LM-style loss through a 3-layer model (reference, conditioned, reference layer):
     gradients w.r.t. every codec parameter on ep=4 x dp=2 equal the one-device simulation."""
-    from checkpoints_io.hf import load_hf
+    from caldera_jax.checkpoints_io.hf import load_hf
     cfg, params = load_hf(tiny_hf_model("qwen3_moe", tmp_path, num_hidden_layers=3)[0])
     params = add_codec_params(params, cfg, codec, jax.random.key(0))
     train, frozen = split_codec_params(params)

@@ -169,7 +169,7 @@ def test_bad_mesh_refused(dense_ref):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_whole_model_expert_parallel(family, tmp_path):
-    from checkpoints_io.hf import load_hf
+    from caldera_jax.checkpoints_io.hf import load_hf
     path, _ = tiny_hf_model(family, tmp_path, num_hidden_layers=2)
     cfg, params = load_hf(path)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)

@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct (cached asset): our perplexity equals transformers' within 1e-3.
 
-Skipped, with the command that fetches it, when the asset is not cached (CI has no hub).
+`make test` fetches the assets first; when they are missing the test fails with the fetch command.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ MODEL, CORPUS = "smollm2-135m-instruct", "shakespeare"
 def smollm2():
     for name in (MODEL, CORPUS):
         if not assets.is_cached(name):
-            pytest.skip(f"asset '{name}' is not cached: run `python -m experiments.assets fetch {name}`")
-    from checkpoints_io.model_source import load_model
+            pytest.fail(f"asset '{name}' is not cached: run `python -m experiments.assets fetch {name}`"
+                        " (make test does)")
+    from caldera_jax.checkpoints_io.model_source import load_model
     from experiments.perplexity import tokenize_text
     cfg, params, tok = load_model(assets.asset_path(MODEL), dtype=jnp.float32)
     ids = tokenize_text(tok, str(assets.asset_path(CORPUS) / "valid.txt"))

@@ -259,7 +259,7 @@ def calibrate(source, tokens, mask=None, *, batch_size: int = 8, mesh=None) -> d
     """Every layer's stats, streaming through the original layers (`source`: an open_source reader
     or (cfg, params))."""
     if isinstance(source, tuple):
-        from checkpoints_io.fingerprint import MemorySource
+        from caldera_jax.checkpoints_io.fingerprint import MemorySource
         source = MemorySource(*source)
     cal = Calibrator(source, tokens, mask, batch_size=batch_size, mesh=mesh)
     out = {}

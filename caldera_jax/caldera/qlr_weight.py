@@ -7,7 +7,7 @@
     None when that side has no incoherence rotation.
 
     y = apply(x) = x · Wᵀ = transform_out(transform_in(x) · Qᵀ + (transform_in(x) · Rᵀ) · Lᵀ) · scale
-    (the low-rank term as two thin matmuls; L·R is never formed), computed by kernels.qlr.qlr_linear.
+    (the low-rank term as two thin matmuls; L·R is never formed), computed by caldera_jax.kernels.qlr.qlr_linear.
 
 A stack of matrices (MoE experts) is a QLRWeight whose arrays all carry a leading axis E (scale
 [E], signs [E, bytes]); `shape` stays (m, n); apply(x [E, ..., n]) -> [E, ..., m], as linear.apply's
@@ -118,7 +118,7 @@ class QLRWeight:
 
     def apply(self, x: jax.Array) -> jax.Array:
         """x [..., n] -> x·Wᵀ [..., m] in x's dtype (stacked: x [E, ..., n] -> [E, ..., m])."""
-        from kernels.qlr import qlr_linear
+        from caldera_jax.kernels.qlr import qlr_linear
         return qlr_linear(x, self, backend=self.backend)
 
     # ------------------------------------------------------------------ accounting

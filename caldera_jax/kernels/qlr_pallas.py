@@ -56,7 +56,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from caldera_jax.caldera.quant import e8p
 from caldera_jax.caldera.quant.packing import PackedMatrix
-from kernels.tiling import pow2_at_least
+from caldera_jax.kernels.tiling import pow2_at_least
 
 F32 = jnp.float32
 
@@ -468,7 +468,7 @@ def matmul(x2: jax.Array, pm: PackedMatrix, *, transpose: bool = False,
 
 def qlr_forward(x: jax.Array, w, *, tiles: Tiles = DEFAULT_TILES, interpret: bool | None = None):
     """x [..., n] -> x·Wᵀ [..., m] in x's dtype, for one (unstacked) QLRWeight."""
-    from kernels import hadamard
+    from caldera_jax.kernels import hadamard
     m, n = w.shape
     if x.shape[-1] != n:
         raise ValueError(f"qlr_linear: x has {x.shape[-1]} features, weight expects {n}")
@@ -493,7 +493,7 @@ def qlr_forward(x: jax.Array, w, *, tiles: Tiles = DEFAULT_TILES, interpret: boo
 
 def qlr_transpose(dy: jax.Array, w, *, tiles: Tiles = DEFAULT_TILES, interpret: bool | None = None):
     """dy [..., m] -> dy·W [..., n] in dy's dtype (the VJP of qlr_forward w.r.t. x)."""
-    from kernels import hadamard
+    from caldera_jax.kernels import hadamard
     m, n = w.shape
     lead = dy.shape[:-1]
     u = dy.reshape(-1, m)

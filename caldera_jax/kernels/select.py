@@ -60,7 +60,7 @@ def available(name: str) -> tuple[bool, str]:
             return False, f"pallas compiles for GPU only; on {plat} it runs in interpret mode (tests only)"
         return True, ""
     if name == "triton":
-        from kernels import qlr_triton
+        from caldera_jax.kernels import qlr_triton
         return qlr_triton.available()
     return False, f"unknown backend {name!r}"
 

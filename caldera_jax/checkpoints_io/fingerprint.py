@@ -25,7 +25,7 @@ import numpy as np
 
 from caldera_jax.config import ModelConfig
 from caldera_jax.params import Params, flatten, layer_prefix, layer_shapes, param_shapes, unflatten
-from checkpoints_io.errors import CheckpointError
+from caldera_jax.checkpoints_io.errors import CheckpointError
 
 FORMAT = 1
 
@@ -73,12 +73,12 @@ def open_source(path_or_source: Any):
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if path.endswith(".gguf"):
-        from checkpoints_io.gguf import load_gguf
+        from caldera_jax.checkpoints_io.gguf import load_gguf
         cfg, params = load_gguf(path)
         return MemorySource(cfg, params, path=os.path.abspath(path),
                             tokenizer_dir=os.path.dirname(os.path.abspath(path)),
                             tokenizer_kwargs={"gguf_file": os.path.basename(path)})
-    from checkpoints_io.hf import open_hf
+    from caldera_jax.checkpoints_io.hf import open_hf
     ck = open_hf(path)
     ck.path, ck.tokenizer_dir, ck.tokenizer_kwargs = ck.dir, ck.dir, {}
     return ck

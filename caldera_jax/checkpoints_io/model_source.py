@@ -5,7 +5,7 @@ import os
 
 import jax.numpy as jnp
 
-from checkpoints_io.errors import CheckpointError
+from caldera_jax.checkpoints_io.errors import CheckpointError
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32):
@@ -14,13 +14,13 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32):
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if path.endswith(".gguf"):
-        from checkpoints_io.gguf import load_gguf
+        from caldera_jax.checkpoints_io.gguf import load_gguf
         cfg, params = load_gguf(path)
         import jax
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
         tok_src = (os.path.dirname(path) or ".", {"gguf_file": os.path.basename(path)})
     else:
-        from checkpoints_io.hf import load_hf
+        from caldera_jax.checkpoints_io.hf import load_hf
         cfg, params = load_hf(path, dtype=dtype)
         tok_src = (path, {})
     return cfg, params, load_tokenizer(*tok_src)

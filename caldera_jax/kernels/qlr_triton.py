@@ -41,8 +41,8 @@ import numpy as np
 
 from caldera_jax.caldera.quant import e8p
 from caldera_jax.caldera.quant.packing import PackedMatrix
-from kernels.qlr_pallas import DEFAULT_TILES, MatSpec, Tiles, e8p_tables, gemv_tile
-from kernels.tiling import pow2_at_least
+from caldera_jax.kernels.qlr_pallas import DEFAULT_TILES, MatSpec, Tiles, e8p_tables, gemv_tile
+from caldera_jax.kernels.tiling import pow2_at_least
 
 try:
     import triton
@@ -303,7 +303,7 @@ def _pipeline(x, w, transpose, tiles, hadamard_backend, mm=None):
     """fwht_in -> low-rank pass -> main pass (epilogue) -> fwht_out; mm is the matmul used
     (matmul on GPU, the interpreter in tests)."""
     mm = matmul if mm is None else mm
-    from kernels import hadamard
+    from caldera_jax.kernels import hadamard
     m, n = w.shape
     d_in, d_out = (m, n) if transpose else (n, m)
     s_pre, s_post = (w.signs_out, w.signs_in) if transpose else (w.signs_in, w.signs_out)

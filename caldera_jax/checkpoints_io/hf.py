@@ -38,8 +38,8 @@ from safetensors.numpy import save_file
 
 from caldera_jax.config import ARCHITECTURES, ModelConfig
 from caldera_jax.params import Params, flatten, layer_prefix, layer_shapes, param_shapes, unflatten
-from checkpoints_io.atomic import fsync_path
-from checkpoints_io.errors import CheckpointError
+from caldera_jax.checkpoints_io.atomic import fsync_path
+from caldera_jax.checkpoints_io.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -30,7 +30,7 @@ import numpy as np
 
 from caldera_jax.config import ConfigError, ModelConfig
 from caldera_jax.params import param_shapes, unflatten
-from checkpoints_io.errors import CheckpointError
+from caldera_jax.checkpoints_io.errors import CheckpointError
 
 __all__ = ["load_gguf", "gguf_to_hf", "read_gguf_metadata", "gguf_hf_config", "gguf_name_to_hf",
            "SUPPORTED_ARCHITECTURES"]
@@ -362,13 +362,13 @@ def save_gguf_tokenizer(path: str | os.PathLike, out_dir: str | os.PathLike) -> 
 
 def gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16", *,
                progress: bool = True, max_shard_bytes: int | None = None) -> dict[str, Any]:
-    """Converts a GGUF file into a complete HF directory (atomic, via checkpoints_io.hf.save_hf).
+    """Converts a GGUF file into a complete HF directory (atomic, via caldera_jax.checkpoints_io.hf.save_hf).
 
     Writes model*.safetensors (+ index), config.json, generation_config.json and the tokenizer
     (tokenizer.json, tokenizer_config.json, chat template). Returns a summary dict
     (config, tensor types found in the GGUF, parameter count, tokenizer info).
     """
-    from checkpoints_io.hf import save_hf
+    from caldera_jax.checkpoints_io.hf import save_hf
 
     if dtype not in ("bfloat16", "float32", "float16"):
         raise ValueError(f"dtype must be 'bfloat16', 'float32' or 'float16', got {dtype!r}")

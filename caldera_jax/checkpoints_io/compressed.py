@@ -25,7 +25,7 @@ A quantized weight is stored through its own `to_arrays()` / `from_arrays(arrays
 or else through its dataclass fields: arrays become tensors named "<matrix name>::<field>" and the
 rest (formats, shapes, class) goes to the layer's JSON;
 PackedMatrix (caldera_jax/caldera/quant/packing.py, the one packed layout) is stored as is; an
-unpacked QuantizedMatrix is packed on the way out and unpacked on the way in. Only classes from the caldera_jax and kernels packages are ever rebuilt.
+unpacked QuantizedMatrix is packed on the way out and unpacked on the way in. Only classes from the caldera_jax package are ever rebuilt.
 
 Every file is deterministic (sorted JSON, no timestamps): the same job gives the same bytes.
 """
@@ -46,8 +46,8 @@ from safetensors.numpy import save_file
 
 from caldera_jax.config import ModelConfig
 from caldera_jax.params import Params, layer_prefix, layer_shapes, unflatten
-from checkpoints_io.atomic import fsync_path
-from checkpoints_io.errors import CheckpointError
+from caldera_jax.checkpoints_io.atomic import fsync_path
+from caldera_jax.checkpoints_io.errors import CheckpointError
 
 FORMAT = "caldera-jax-compressed"
 FORMAT_VERSION = 1
@@ -56,7 +56,7 @@ JOB_FILE = "job.json"
 GLOBALS_FILE = "globals.safetensors"
 LAYER_DIR = "layers"
 SEP = "::"
-_ALLOWED_PACKAGES = ("caldera_jax.", "kernels.")
+_ALLOWED_PACKAGES = ("caldera_jax.",)
 
 
 def layer_file(i: int) -> str:
@@ -265,7 +265,7 @@ def write_globals(out_dir: str, tensors: dict[str, np.ndarray]) -> str:
 
 def copy_tokenizer(src_dir: str | None, out_dir: str) -> list[str]:
     """Copies the source's tokenizer files (if any); returns their names."""
-    from checkpoints_io.hf import _TOKENIZER_FILES
+    from caldera_jax.checkpoints_io.hf import _TOKENIZER_FILES
     import fnmatch
     if not src_dir or not os.path.isdir(src_dir):
         return []
@@ -324,7 +324,7 @@ def load_compressed(ckpt_dir: str | os.PathLike, source: Any = None, *, dtype: A
     ckpt_dir = os.fspath(ckpt_dir)
     m = read_config(ckpt_dir)
     if source is not None:
-        from checkpoints_io.fingerprint import verify
+        from caldera_jax.checkpoints_io.fingerprint import verify
         verify(m["source_fingerprint"], source, what=f"the compressed checkpoint {ckpt_dir}")
     if verify_files:
         for rel, sha in m["files"].items():

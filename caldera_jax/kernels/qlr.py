@@ -43,7 +43,7 @@ def register_backend(name: str, fn: Callable, transpose_fn: Callable | None = No
 
 def choose_backend(x: jax.Array, w) -> str:
     """The backend "auto" resolves to (kernels/select.py)."""
-    from kernels.select import choose
+    from caldera_jax.kernels.select import choose
     return choose(x, w)
 
 
@@ -86,22 +86,22 @@ def _xla_transpose(dy: jax.Array, w) -> jax.Array:
 
 
 def _pallas(x, w):
-    from kernels import qlr_pallas
+    from caldera_jax.kernels import qlr_pallas
     return qlr_pallas.qlr_forward(x, w)
 
 
 def _pallas_t(dy, w):
-    from kernels import qlr_pallas
+    from caldera_jax.kernels import qlr_pallas
     return qlr_pallas.qlr_transpose(dy, w)
 
 
 def _triton(x, w):
-    from kernels import qlr_triton
+    from caldera_jax.kernels import qlr_triton
     return qlr_triton.qlr_forward(x, w)
 
 
 def _triton_t(dy, w):
-    from kernels import qlr_triton
+    from caldera_jax.kernels import qlr_triton
     return qlr_triton.qlr_transpose(dy, w)
 
 

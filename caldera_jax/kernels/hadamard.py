@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from caldera_jax.caldera import incoherence
 from caldera_jax.caldera.quant import packing
-from kernels.tiling import pow2_at_least
+from caldera_jax.kernels.tiling import pow2_at_least
 
 MAX_B = 64           # inner (Sylvester) factor size of the two-factor split
 ROWS = 8             # rows per program of the one-pass Pallas kernel
@@ -201,7 +201,7 @@ def _fwht_pallas(x, pre_bits, post_bits, transpose, scale, out_dtype, interpret)
     ap, bp = pow2_at_least(a, 16), pow2_at_least(b, 16)
     HAp = np.zeros((ap, ap), np.float32); HAp[:a, :a] = HA
     HBp = np.zeros((bp, bp), np.float32); HBp[:b, :b] = HB
-    from kernels.qlr_pallas import compiler_params, resolve_interpret
+    from caldera_jax.kernels.qlr_pallas import compiler_params, resolve_interpret
     interp = resolve_interpret(interpret)
     # H is ±1 (exact in tf32): 3xTF32 on the GPU's tensor cores is fp32-accurate, where an IEEE fp32
     # dot lowers to FMAs (ptxas for sm_90: 8-9 KB of spills per program); CPU interpret: HIGHEST
