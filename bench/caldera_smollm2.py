@@ -7,7 +7,7 @@ Grid: Q quantizer {uniform (groupwise, group 64, symmetric), E8P} x b_q {2, 3, 4
 {on, off} x {Q-only (rank 0), CALDERA rank 64 with 4-bit L/R}. Everything else is the default
 job's schedule (iters 1, lplr_iters 1, requant_sweeps 0, LDLQ, 32 x 256 Shakespeare calibration
 tokens, `--mesh auto`) with the library's default order, the LR step first (BASE below; the
-default job itself now takes the Q step first, from the ablation). Each setting runs `experiments.compress` end to end (calibration,
+default job itself now takes the Q step first, from the ablation). Each setting runs the compression pipeline (`caldera_jax.pipeline.compress.run`) end to end (calibration,
 decomposition, the compressed checkpoint), then the perplexity of the checkpoint as
 `load_compressed` gives it, on the held-out Shakespeare plays (fixed token budget, 512-token
 windows); the uncompressed model's perplexity is measured once on the same windows.
@@ -103,9 +103,10 @@ def run_setting(s: Setting, work: str, ppl_ids, ppl_kw: dict, source, keep: bool
     """Compresses SmolLM2 with setting s, measures the checkpoint; returns its result row."""
     import yaml
 
-    from caldera_jax.eval.perplexity import model_perplexity
     from caldera_jax.checkpoints_io.compressed import load_compressed
-    from experiments import compress
+    from caldera_jax.eval.perplexity import model_perplexity
+    from caldera_jax.pipeline import compress as pipeline
+    from experiments import assets
 
     cfg_path = os.path.join(work, "configs", s.name + ".yaml")
     os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
@@ -113,8 +114,9 @@ def run_setting(s: Setting, work: str, ppl_ids, ppl_kw: dict, source, keep: bool
         yaml.safe_dump(s.config(), f, sort_keys=False)
     out = os.path.join(work, s.name)
     t0 = time.perf_counter()
-    rep = compress.main(["--model", source.path, "--config", cfg_path, "--out", out, "--mesh", "auto",
-                         "--ppl-tokens", "0", "--no-progress"])
+    rep = pipeline.run(pipeline.CompressJob(
+        model=source.path, config=cfg_path, calib=str(assets.fetch("shakespeare") / "train.txt"), out=out,
+        mesh={"ep": 0}, progress=False, command=f"bench.caldera_smollm2 --only {s.name}"))
     seconds = time.perf_counter() - t0
     cfg, params = load_compressed(out, source=source)
     ppl = model_perplexity(params, cfg, ppl_ids, **ppl_kw)
@@ -186,17 +188,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # internal: run --only's one setting
     args = ap.parse_args(argv)
 
-    from experiments.compress import request_cpu_devices
-    request_cpu_devices(min(os.cpu_count() or 1, 8))         # what `--mesh auto` uses, before jax
+    from caldera_jax import runtime
+    from experiments import assets
+    runtime.setup(cpu_devices=min(os.cpu_count() or 1, 8),   # what `--mesh auto` uses
+                  compile_cache=str(assets.cache_dir() / "xla-cache"))
     from tqdm.auto import tqdm
 
     from bench.common import write_report
     from caldera_jax.eval.perplexity import model_perplexity
     from caldera_jax.checkpoints_io.fingerprint import open_source
     from caldera_jax.checkpoints_io.model_source import load_tokenizer
-    from experiments import assets
-    from experiments.compress import source_params
-    from experiments.perplexity import tokenize_text
+    from caldera_jax.pipeline.compress import source_params
+    from caldera_jax.eval.perplexity import tokenize_text
 
     settings = grid() + (ablations() if args.ablations else [])
     if args.only:

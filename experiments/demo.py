@@ -20,7 +20,7 @@ from caldera_jax.eval.perplexity import model_perplexity
 from caldera_jax.models import generate
 from caldera_jax.checkpoints_io.model_source import load_model
 from experiments import assets
-from experiments.perplexity import tokenize_text
+from caldera_jax.eval.perplexity import tokenize_text
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

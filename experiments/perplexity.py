@@ -10,20 +10,14 @@ import argparse
 import json
 
 import jax.numpy as jnp
-import numpy as np
 
-from caldera_jax.eval.perplexity import model_perplexity
+from caldera_jax.eval.perplexity import model_perplexity, tokenize_text
 from caldera_jax.checkpoints_io.model_source import load_model
 
 
 def heldout_text_path() -> str:
     from experiments.assets import asset_path
     return str(asset_path("shakespeare") / "valid.txt")
-
-
-def tokenize_text(tokenizer, path: str) -> np.ndarray:
-    with open(path, encoding="utf-8") as f:
-        return np.asarray(tokenizer(f.read(), add_special_tokens=False)["input_ids"], np.int32)
 
 
 def main(argv=None) -> dict:

@@ -1,9 +1,10 @@
-"""Test set-up: 8 fake CPU devices for the expert-parallel tests (must precede the jax import)."""
+"""Test set-up through the one process set-up call: 8 fake CPU devices for the expert-parallel
+tests (before jax creates its backend), one LAPACK thread (caldera_jax/runtime.py says why)."""
 import os
 
-flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+from caldera_jax import runtime
+
+runtime.setup(cpu_devices=8, lapack_threads=1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

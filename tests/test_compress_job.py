@@ -182,11 +182,20 @@ def test_other_job_in_out_dir_refused(setup, reference):
         job.main(argv(setup, setup["tmp"] / "m", extra=["--mesh", "tp=2"]))
 
 
-def _run(args, env_extra=None, wait=True):
+# A real process running the CLI's main with an on_layer_done hook: "pause" sleeps 2 s after each
+# layer (a window for kill -9), "exit" dies like kill -9 (os._exit, no cleanup) after the first one.
+DRIVER = ("import os, sys, time\n"
+          "from experiments import compress\n"
+          "hook = {'pause': lambda i: time.sleep(2), 'exit': lambda i: os._exit(137)}[sys.argv[1]]\n"
+          "compress.main(sys.argv[2:], on_layer_done=hook)\n")
+
+
+def _run(args, hook=None, wait=True):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(PYTHONPATH=REPO, **(env_extra or {}))
-    p = subprocess.Popen([sys.executable, "-m", "experiments.compress", *args], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env.update(PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "experiments.compress", *args] if hook is None else \
+        [sys.executable, "-c", DRIVER, hook, *args]
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
         out, _ = p.communicate(timeout=300)
         return p.returncode, out
@@ -202,7 +211,7 @@ def test_kill9_and_hard_exit_then_rerun_byte_identical(setup, tmp_path):
     job.main(argv(setup, ref, model=path))
     out = tmp_path / "out"
     a = argv(setup, out, model=path)
-    p = _run(a, {job.PAUSE_ENV: "2"}, wait=False)      # 2 s after each layer: time to kill it
+    p = _run(a, "pause", wait=False)                   # 2 s after each layer: time to kill it
     t0 = time.time()
     while not os.path.exists(out / ck.layer_file(0)) and p.poll() is None and time.time() - t0 < 240:
         time.sleep(0.02)
@@ -211,10 +220,10 @@ def test_kill9_and_hard_exit_then_rerun_byte_identical(setup, tmp_path):
     assert p.returncode == -signal.SIGKILL
     finished = sorted(os.listdir(out / "layers"))
     assert not os.path.exists(out / "caldera_config.json"), "the job finished before it was killed"
-    rc, log = _run(a, {job.CRASH_ENV: "1"})
+    rc, log = _run(a, "exit")
     assert rc == 137, log
     assert len([f for f in os.listdir(out / "layers") if not f.startswith(".")]) == len(finished) + 1
-    rc, log = _run(a)
+    rc, log = _run(a)                                  # the real command line
     assert rc == 0, log
     assert "resuming" in log
     assert ckpt_bytes(out) == ckpt_bytes(ref)

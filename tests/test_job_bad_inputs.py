@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 from caldera_jax.caldera.config import load_job_config
 from caldera_jax.caldera.spec import BudgetError, MatrixBudget
 from caldera_jax.checkpoints_io import compressed as ck
+from caldera_jax.pipeline import compress as pipeline
 from experiments import compress as job
 from tests.hf_tiny import randomize_, tiny_hf_model
 from tests.test_compress_job import CONFIG, REPO, TINY, argv, ckpt_bytes, reference, setup  # noqa: F401
@@ -189,9 +190,9 @@ def test_whitespace_calibration_is_refused(setup, tmp_path):
 def test_small_calibration_warns(setup, capsys):
     cfg = dataclasses.replace(setup["cfg"], intermediate_size=512)
     plan = {"model.layers.0.mlp.down_proj.weight": MatrixBudget()}
-    job.check_calibration_size("c.txt", 300, cfg, plan)
+    pipeline.check_calibration_size("c.txt", 300, cfg, plan)
     assert "300 calibration tokens < 512 input features" in capsys.readouterr().err
-    job.check_calibration_size("c.txt", 600, cfg, plan)
+    pipeline.check_calibration_size("c.txt", 600, cfg, plan)
     assert capsys.readouterr().err == ""
 
 

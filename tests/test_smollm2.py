@@ -22,7 +22,7 @@ def smollm2():
             pytest.fail(f"asset '{name}' is not cached: run `python -m experiments.assets fetch {name}`"
                         " (make test does)")
     from caldera_jax.checkpoints_io.model_source import load_model
-    from experiments.perplexity import tokenize_text
+    from caldera_jax.eval.perplexity import tokenize_text
     cfg, params, tok = load_model(assets.asset_path(MODEL), dtype=jnp.float32)
     ids = tokenize_text(tok, str(assets.asset_path(CORPUS) / "valid.txt"))
     return cfg, params, tok, ids

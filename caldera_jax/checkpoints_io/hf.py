@@ -69,9 +69,10 @@ _SAVE_LAYOUT = {"qwen3_moe": "mlp", "mixtral": "block_sparse_moe"}
 _MOE_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.(?:gate\.weight|experts\.(gate_proj|up_proj|down_proj)\.weight)$")
 
 # Tokenizer files copied by save_hf (glob patterns on file names).
-_TOKENIZER_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+TOKENIZER_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                     "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
                     "*.tiktoken", "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_FILES = TOKENIZER_FILES   # the old private name (compressed.py still uses it)
 
 
 def np_dtype(dtype: Any) -> np.dtype | None:
@@ -386,10 +387,10 @@ def _copy_tokenizer(tokenizer_dir: str, tmp: str) -> None:
         raise CheckpointError(f"{tokenizer_dir}: tokenizer directory does not exist")
     names = [f for f in sorted(os.listdir(tokenizer_dir))
              if os.path.isfile(os.path.join(tokenizer_dir, f))
-             and any(fnmatch.fnmatch(f, p) for p in _TOKENIZER_FILES)]
+             and any(fnmatch.fnmatch(f, p) for p in TOKENIZER_FILES)]
     if not names:
         raise CheckpointError(f"{tokenizer_dir}: no tokenizer files found "
-                              f"(looked for {', '.join(_TOKENIZER_FILES)})")
+                              f"(looked for {', '.join(TOKENIZER_FILES)})")
     for f in names:
         shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(tmp, f))
         fsync_path(os.path.join(tmp, f))

@@ -19,6 +19,12 @@ from caldera_jax.config import ModelConfig
 from caldera_jax.models.decoder import forward
 
 
+def tokenize_text(tokenizer, path: str) -> np.ndarray:
+    """A text file's token ids [N] int32 (no special tokens), for perplexity."""
+    with open(path, encoding="utf-8") as f:
+        return np.asarray(tokenizer(f.read(), add_special_tokens=False)["input_ids"], np.int32)
+
+
 def windows(token_ids: np.ndarray, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
     """1-D token ids -> [n_windows, seq_len]."""
     token_ids = np.asarray(token_ids)
