@@ -72,7 +72,6 @@ _MOE_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.(?:gate\.weight|experts\.(g
 TOKENIZER_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                     "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
                     "*.tiktoken", "spiece.model", "sentencepiece.bpe.model")
-_TOKENIZER_FILES = TOKENIZER_FILES   # the old private name (compressed.py still uses it)
 
 
 def np_dtype(dtype: Any) -> np.dtype | None:
