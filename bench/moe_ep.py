@@ -16,25 +16,20 @@ ep = 8 / 16 / 64 with 128 experts, top-8, 48 layers, and DeepEP's published all-
 """
 from __future__ import annotations
 
-import os
+import argparse
+import statistics
+import time
 
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+import jax
+import jax.numpy as jnp
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from bench.common import write_report  # noqa: E402
-from caldera_jax.config import ModelConfig  # noqa: E402
-from caldera_jax.models.hooks import Ctx  # noqa: E402
-from caldera_jax.moe import (FP8, Identity, IntQuant, Learned, StaleConditioned,  # noqa: E402
+from bench.common import write_report
+from caldera_jax import runtime
+from caldera_jax.config import ModelConfig
+from caldera_jax.models.hooks import Ctx
+from caldera_jax.moe import (FP8, Identity, IntQuant, Learned, StaleConditioned,
                              add_codec_params, codec_name, expert_parallel_hooks, make_mesh)
-from caldera_jax.moe.wire import bytes_by_scope, collectives  # noqa: E402
+from caldera_jax.moe.wire import bytes_by_scope, collectives
 
 QWEN3 = dict(hidden=2048, experts=128, top_k=8, layers=48, intermediate=768)
 BANDWIDTH_GBS = [(8, "NVLink intranode", 150.0), (16, "RDMA internode", 45.0), (16, "RDMA internode", 90.0),
@@ -213,6 +208,7 @@ def main(argv=None) -> None:
                     "1 on a single GPU)")
     ap.add_argument("--out", default="bench/results/moe_ep.json")
     args = ap.parse_args(argv)
+    runtime.setup(cpu_devices=args.ep)            # fake CPU devices (no effect on a GPU)
     cfg = layer_config(args.experts)
     mesh = make_mesh(ep=args.ep)
     params, x, r = init(cfg, args.tokens)

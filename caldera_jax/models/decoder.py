@@ -99,20 +99,14 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-@partial(jax.jit, static_argnames=("cfg", "hooks", "return_aux", "mesh"))
+@partial(jax.jit, static_argnames=("cfg", "hooks", "return_aux"))
 def forward(params, cfg: ModelConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
-            positions: jax.Array | None = None, hooks: Hooks = Hooks(), return_aux: bool = False,
-            mesh=None):
+            positions: jax.Array | None = None, hooks: Hooks = Hooks(), return_aux: bool = False):
     """tokens [B, T] int -> logits [B, T, V] (and the hooks' aux dict if return_aux).
 
-    mesh: run the MoE layers expert-parallel on this mesh (axes ep, optional dp, tp) with no codec;
-    shorthand for hooks=caldera_jax.moe.expert_parallel_hooks(mesh, base=hooks).
+    Expert parallelism is a hook: hooks=caldera_jax.moe.expert_parallel_hooks(mesh) runs the MoE
+    layers on the mesh's ep (and dp, tp) axes.
     """
-    if mesh is not None:
-        if hooks.moe is not None:
-            raise ValueError("forward: pass mesh= or a hooks.moe, not both")
-        from caldera_jax.moe.ep import expert_parallel_hooks
-        hooks = expert_parallel_hooks(mesh, base=hooks)
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     positions = default_positions(mask) if positions is None else positions.astype(jnp.int32)
     dtype = params["model"]["embed_tokens"]["weight"].dtype

@@ -29,7 +29,7 @@ caldera_jax.moe.wire reads from the compiled HLO.
 from __future__ import annotations
 
 import dataclasses
-import logging
+import warnings
 import math
 from functools import partial
 from typing import Any, Callable
@@ -37,7 +37,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-log = logging.getLogger("caldera_jax.moe")
 
 
 # ------------------------------------------------------------------------------------- transport
@@ -256,16 +255,17 @@ class Ragged:
         return Dispatched(rows, src, token, to_layout, from_layout, combine, jnp.zeros((), jnp.int32))
 
 
-_NOTICED: set[str] = set()
+class RaggedFallbackWarning(UserWarning):
+    """Ragged dispatch asked for on a platform without ragged-all-to-all (XLA:CPU)."""
 
 
 def for_platform(dispatch, platform: str):
     """The dispatch to use on `platform`: Ragged falls back to Capacity(None) (same results, never
-    drops) on CPU, where XLA has no ragged-all-to-all; a one-line notice says so once."""
+    drops) on CPU, where XLA has no ragged-all-to-all; a one-line RaggedFallbackWarning says so
+    (Python's warning filters show it once per call site, no state of ours)."""
     if isinstance(dispatch, Ragged) and not dispatch.emulate and platform == "cpu":
-        if "ragged-cpu" not in _NOTICED:
-            _NOTICED.add("ragged-cpu")
-            log.warning("caldera_jax.moe: ragged_all_to_all is not implemented by XLA:CPU; "
-                        "using the capacity all_to_all sized for no drops instead")
+        warnings.warn("caldera_jax.moe: ragged_all_to_all is not implemented by XLA:CPU; "
+                      "using the capacity all_to_all sized for no drops instead", RaggedFallbackWarning,
+                      stacklevel=2)
         return Capacity(None)
     return dispatch
