@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import median_time, write_report
+from caldera_jax import runtime
 from caldera_jax.caldera import decompose as D
 from caldera_jax.caldera.spec import MatrixBudget
 
@@ -122,6 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-table", action="store_true")
     ap.add_argument("--out", default="bench/results/decompose.json")
     args = ap.parse_args(argv)
+    runtime.setup(lapack_threads=1)               # one OpenBLAS thread inside jitted LAPACK calls
     w, h = make_problem(args.size)
     load0 = _load()
     speed = speed_row(w, h, args.repeats, SPEED.replace(rank=args.rank))

@@ -127,12 +127,13 @@ def triton_rows(w, rows_list, tiles) -> list[dict]:
                 f = (w.r if tr else w.l) if (main and w.l is not None) else None
                 epi = None if f is None else (np.zeros((R, w.rank), np.float32), f)
                 L = T.plan(R, pm, transpose=tr, epi=epi, tiles=tiles, dot_f32=gemv)
-                arrays = [None, pm.codes, pm.codes2, pm.scales, pm.zeros, None, None, None,
-                          *((f.codes, f.codes2, f.scales, f.zeros) if f is not None else (None,) * 4), None, None]
-                sig = {nm: ty(arrays[i]) for i, nm in enumerate(names[:14])}
+                arrays = [None, *T.mat_arrays(pm, None), None, None, None, *T.mat_arrays(f, None), None, None]
+                n_ptr = names.index("ROWS")                  # pointer arguments come first
+                assert len(arrays) == n_ptr, (len(arrays), n_ptr)
+                sig = {nm: ty(arrays[i]) for i, nm in enumerate(names[:n_ptr])}
                 sig.update(x_ptr=act, t_ptr=act if f is not None else "*fp32",
                            out_ptr="*fp32" if (gemv or main and (w.signs_out is not None)) else "*bf16")
-                sig.update({nm: "constexpr" for nm in names[14:]})
+                sig.update({nm: "constexpr" for nm in names[n_ptr:]})
                 row = {"impl": "triton", "rows": R, "dir": "bwd" if tr else "fwd",
                        "kernel": "main" if main else "lowrank"}
                 try:

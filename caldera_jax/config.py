@@ -1,7 +1,8 @@
 """ModelConfig: one frozen dataclass for every supported decoder family, read from a HF config.json.
 
-Supported `model_type`s: llama, qwen2, qwen3, mixtral, qwen3_moe. The raw HF dict is kept
-(as a JSON string) so an exported checkpoint carries the user's config unchanged.
+Supported `model_type`s: those of `caldera_jax.families` (llama, qwen2, qwen3, mixtral, qwen3_moe);
+what differs between them (defaults, sliding-window rule, MoE keys) is read from the family record.
+The raw HF dict is kept (as a JSON string) so an exported checkpoint carries the user's config unchanged.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import math
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+from caldera_jax import families
+
+SUPPORTED_MODEL_TYPES = tuple(families.FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -43,7 +46,7 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    norm_topk_prob: bool = False      # renormalise the top-k probabilities (mixtral: always True)
+    norm_topk_prob: bool = False      # renormalise the top-k probabilities (families.MoESpec)
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
@@ -80,9 +83,10 @@ class ModelConfig:
             return d[key]
 
         mt = need("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{source}: unsupported model_type '{mt}' "
-                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        try:
+            fam = families.get(mt)
+        except families.UnknownFamilyError as e:
+            raise ConfigError(f"{source}: {e}") from None
         hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
         kv_heads = int(d.get("num_key_value_heads") or heads)
         if heads % kv_heads:
@@ -104,25 +108,24 @@ class ModelConfig:
         rope_scaling = tuple(sorted({"rope_type": rope_type, **rp}.items()))
 
         window = None
-        if d.get("sliding_window") and (mt in ("mixtral",) or d.get("use_sliding_window")):
+        if d.get("sliding_window") and (fam.sliding_window == families.SLIDING_ALWAYS
+                                        or d.get("use_sliding_window")):
             window = int(d["sliding_window"])
-            if mt in ("qwen2", "qwen3", "qwen3_moe"):
-                # HF qwen: sliding only for layers >= max_window_layers; refuse rather than guess.
+            if fam.sliding_window == families.SLIDING_REFUSED:
                 raise ConfigError(f"{source}: use_sliding_window=True is not supported for {mt}")
 
         moe: dict[str, Any] = {}
-        if mt == "mixtral":
-            moe = dict(num_experts=int(need("num_local_experts")),
+        if fam.moe is not None:
+            spec = fam.moe
+            *optional, required = spec.num_experts_keys
+            moe = dict(num_experts=int(next((d[k] for k in optional if d.get(k)), None) or need(required)),
                        num_experts_per_tok=int(need("num_experts_per_tok")),
-                       moe_intermediate_size=int(need("intermediate_size")),
-                       norm_topk_prob=True)
-        elif mt == "qwen3_moe":
-            moe = dict(num_experts=int(d.get("num_experts") or need("num_local_experts")),
-                       num_experts_per_tok=int(need("num_experts_per_tok")),
-                       moe_intermediate_size=int(need("moe_intermediate_size")),
-                       norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-                       decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
-                       mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()))
+                       moe_intermediate_size=int(need(spec.intermediate_key)),
+                       norm_topk_prob=(spec.norm_topk_prob if spec.norm_topk_prob is not None
+                                       else bool(d.get("norm_topk_prob", False))))
+            if spec.sparse_layers:
+                moe.update(decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
+                           mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()))
         if moe and not 0 < moe["num_experts_per_tok"] <= moe["num_experts"]:
             raise ConfigError(f"{source}: num_experts_per_tok={moe['num_experts_per_tok']} must be in "
                               f"[1, num_experts={moe['num_experts']}]")
@@ -146,8 +149,8 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", mt == "qwen2")),
-            qk_norm=mt in ("qwen3", "qwen3_moe"),
+            attention_bias=bool(d.get("attention_bias", fam.attention_bias)),
+            qk_norm=fam.qk_norm,
             sliding_window=window,
             hidden_act=act,
             bos_token_id=d.get("bos_token_id"),
@@ -177,6 +180,7 @@ class ModelConfig:
         d = json.loads(self.raw_json)
         if d:
             return d
+        fam = families.get(self.model_type)
         d = dict(model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                  intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
                  num_attention_heads=self.num_attention_heads,
@@ -186,25 +190,30 @@ class ModelConfig:
                  rope_parameters={"rope_theta": self.rope_theta, **self.rope},
                  bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
                  pad_token_id=self.pad_token_id, dtype=self.torch_dtype,
-                 architectures=[ARCHITECTURES[self.model_type]])
-        if self.model_type in ("llama", "qwen3", "qwen3_moe"):
+                 architectures=[fam.architecture])
+        if fam.attention_bias_key:
             d["attention_bias"] = self.attention_bias
-        if self.model_type == "mixtral":
-            d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                     sliding_window=self.sliding_window)
-        if self.model_type == "qwen3_moe":
-            d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                     moe_intermediate_size=self.moe_intermediate_size,
-                     norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step,
-                     mlp_only_layers=list(self.mlp_only_layers))
+        if fam.sliding_window == families.SLIDING_ALWAYS:
+            d["sliding_window"] = self.sliding_window
+        spec = fam.moe
+        if spec is not None:
+            d[spec.num_experts_keys[0]] = self.num_experts
+            d["num_experts_per_tok"] = self.num_experts_per_tok
+            if spec.intermediate_key != "intermediate_size":
+                d[spec.intermediate_key] = self.moe_intermediate_size
+            if spec.norm_topk_prob is None:
+                d["norm_topk_prob"] = self.norm_topk_prob
+            if spec.sparse_layers:
+                d.update(decoder_sparse_step=self.decoder_sparse_step,
+                         mlp_only_layers=list(self.mlp_only_layers))
         return d
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# model_type -> HF architectures[0] (kept for callers; the family records are the source)
+ARCHITECTURES = {mt: f.architecture for mt, f in families.FAMILIES.items()}
 
 
 def rope_inv_freq(cfg: ModelConfig):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import numpy as np
+
 from caldera_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -91,3 +93,32 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def iter_layers(params: Params, cfg: ModelConfig) -> Iterator[tuple[int, Params]]:
     for i in range(cfg.num_hidden_layers):
         yield i, params["model"]["layers"][str(i)]
+
+
+class MemorySource:
+    """A model held in memory (a params dict, or a dequantized GGUF) with the HFCheckpoint reading API."""
+
+    def __init__(self, cfg: ModelConfig, params: Params | dict[str, Any], path: str = "<memory>",
+                 tokenizer_dir: str | None = None, tokenizer_kwargs: dict | None = None):
+        flat = params if params and all(not isinstance(v, dict) for v in params.values()) else flatten(params)
+        self.cfg, self.path, self.source = cfg, path, path
+        self.tokenizer_dir, self.tokenizer_kwargs = tokenizer_dir, tokenizer_kwargs or {}
+        self._flat = {k: np.asarray(v) for k, v in flat.items()}
+        if cfg.tie_word_embeddings:
+            self._flat.pop("lm_head.weight", None)
+
+    def names(self) -> list[str]:
+        return [n for n in param_shapes(self.cfg) if n in self._flat]
+
+    def read(self, name: str, dtype: Any = None) -> np.ndarray:
+        if name not in self._flat:
+            raise KeyError(f"{self.path}: missing tensor '{name}'")
+        a = self._flat[name]
+        return a if dtype is None else a.astype(dtype)
+
+    def read_layer(self, i: int, dtype: Any = None) -> Params:
+        pre = layer_prefix(i)
+        return unflatten({k: self.read(pre + k, dtype) for k in layer_shapes(self.cfg, i)})
+
+    def close(self) -> None:
+        pass

@@ -27,9 +27,9 @@ from safetensors.numpy import save_file
 
 from caldera_jax.caldera import decompose as dec
 from caldera_jax.caldera.config import compressible
-from caldera_jax.caldera.qlr_weight import QLRWeight
-from caldera_jax.caldera.quant import packing
-from caldera_jax.caldera.quant.base import QuantSpec, quantize
+from caldera_jax.formats import packing
+from caldera_jax.formats.qlr_weight import QLRWeight
+from caldera_jax.formats.quant import QuantSpec, quantize
 from caldera_jax.caldera.spec import MatrixBudget
 from caldera_jax.checkpoints_io import CheckpointError, load_hf
 from caldera_jax.checkpoints_io import compressed as ck
@@ -170,7 +170,8 @@ def test_every_kind_round_trips_and_unknown_classes_are_not_stored():
     pm = packing.pack(qm)
     dense = packing.pack_dense(w)
     qlr = QLRWeight.from_parts(qm, l=w[:, :2], r=w[:2, :], scale=0.5, signs_in=np.sign(rng.standard_normal(16)))
-    for obj in (qlr, pm, dense, qm, (pm, [dense])):
+    q4 = quantize(w, QuantSpec("fp4", 4))                 # a format with a per-tensor scale slot
+    for obj in (qlr, pm, dense, qm, (pm, [dense]), q4, packing.pack(q4)):
         tensors = {}
         spec = ck.encode_leaf(obj, "m::", tensors)
         assert "__class__" not in json.dumps(spec)
@@ -178,7 +179,7 @@ def test_every_kind_round_trips_and_unknown_classes_are_not_stored():
         assert jax.tree.structure(back) == jax.tree.structure(obj)
         for a, b in zip(jax.tree.leaves(obj), jax.tree.leaves(back)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(CheckpointError, match=r"m::: cannot store a caldera_jax\.caldera\.quant\.base\.QuantSpec"):
+    with pytest.raises(CheckpointError, match=r"m::: cannot store a caldera_jax\.formats\.quant\.QuantSpec"):
         ck.encode_leaf(QuantSpec(), "m::", {})
 
 

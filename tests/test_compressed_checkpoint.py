@@ -26,6 +26,7 @@ from tests.hf_tiny import tiny_hf_model  # noqa: E402
 TINY = dict(intermediate_size=32, num_key_value_heads=4, moe_intermediate_size=32)
 BUDGET = MatrixBudget(quantizer="uniform", b_q=4, group_size=16, rank=4, b_l=8, b_r=8, factor_group_size=8,
                       iters=1, lplr_iters=1, requant_sweeps=0, incoherence=True)
+FP4_BUDGET = BUDGET.replace(quantizer="fp4")          # NVFP4-like Q (e4m3 scale per 16, fp32 per tensor)
 
 
 def tiny(model_type, tmp_path, **kw):
@@ -35,7 +36,7 @@ def tiny(model_type, tmp_path, **kw):
     return tiny_hf_model(model_type, tmp_path, **{**over, **kw})
 
 
-def build_checkpoint(path, out, protect=("model.layers.1.self_attn.o_proj.weight",)):
+def build_checkpoint(path, out, protect=("model.layers.1.self_attn.o_proj.weight",), budget=BUDGET):
     """Decomposes every linear of a tiny model with D's decompose and writes a checkpoint with the
     checkpoint API. Returns (cfg, in-memory params with QLRWeight leaves, source params)."""
     from caldera_jax.caldera import decompose as dec
@@ -57,11 +58,11 @@ def build_checkpoint(path, out, protect=("model.layers.1.self_attn.o_proj.weight
             elif name in compressible(cfg):
                 h = stats[i][hessian_key(name)]
                 if flat_src[name].ndim == 3:
-                    res = dec.decompose_many(list(zip(flat_src[name], h)), BUDGET, key=3,
+                    res = dec.decompose_many(list(zip(flat_src[name], h)), budget, key=3,
                                              mesh=jax.make_mesh((1,), ("d",), devices=jax.devices()[:1]))
                     q = jax.tree.map(lambda *xs: jnp.stack(xs), *[r[0] for r in res])
                 else:
-                    q, _ = dec.decompose(flat_src[name], h, BUDGET, key=7)
+                    q, _ = dec.decompose(flat_src[name], h, budget, key=7)
                 quantized[name] = mem[name] = q
             else:
                 dense[name] = flat_src[name]
@@ -73,11 +74,12 @@ def build_checkpoint(path, out, protect=("model.layers.1.self_attn.o_proj.weight
     return cfg, unflatten(mem), src
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
-def test_round_trip_equals_in_memory(model_type, tmp_path):
+@pytest.mark.parametrize("model_type,budget", [("llama", BUDGET), ("qwen3_moe", BUDGET), ("qwen3_moe", FP4_BUDGET)],
+                         ids=["llama", "qwen3_moe", "qwen3_moe-fp4"])
+def test_round_trip_equals_in_memory(model_type, budget, tmp_path):
     path, _ = tiny(model_type, tmp_path)
     out = str(tmp_path / "ckpt")
-    cfg, mem, src = build_checkpoint(path, out)
+    cfg, mem, src = build_checkpoint(path, out, budget=budget)
     cfg2, loaded = ck.load_compressed(out, source=path)
     assert cfg2 == cfg
     fm, fl = flatten(mem), flatten(loaded)
@@ -99,6 +101,7 @@ def test_round_trip_equals_in_memory(model_type, tmp_path):
         else:
             np.testing.assert_array_equal(np.asarray(got), np.asarray(v), err_msg=k)
     assert n_q == len(compressible(cfg)) - 1
+    assert {v.q.fmt.kind for v in fm.values() if hasattr(v, "to_arrays")} == {budget.quantizer}
     # the model runs the loaded leaves directly, with the same logits as the in-memory ones
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)))
     np.testing.assert_array_equal(np.asarray(forward(loaded, cfg, tokens)), np.asarray(forward(mem, cfg, tokens)))

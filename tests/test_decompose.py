@@ -10,7 +10,7 @@ import pytest
 
 from caldera_jax.caldera import decompose as D
 from caldera_jax.caldera.hessian import HessianError
-from caldera_jax.caldera.qlr_weight import QLRWeight
+from caldera_jax.formats.qlr_weight import QLRWeight
 from caldera_jax.caldera.spec import BudgetError, MatrixBudget
 
 M, N = 64, 96          # 96 = 12·8: Hadamard-supported, E8P-aligned

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caldera_jax.caldera import incoherence as inc
+from caldera_jax.formats import incoherence as inc
 
 RNG = np.random.default_rng(2)
 

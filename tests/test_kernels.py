@@ -5,7 +5,7 @@ the Triton kernel body in Triton's interpreter (TRITON_INTERPRET=1 on torch CPU 
 `pip install triton==3.6.0`). GPU-only paths (compiled Pallas, jax-triton) skip with a reason.
 
 The reference is built here from the packed arrays with numpy bit operations following the layout
-docstring of packing.py (not through packing.dequantize), in float64, with dense Hadamard matrices.
+docstrings of caldera_jax/formats (not through packing.dequantize), in float64, with dense Hadamard matrices.
 Weights carry random codes (every bit pattern, including the ignored columns past n), shapes are
 odd (n not a multiple of any tile, rank not a multiple of the factor group, non-power-of-two group
 sizes), rows 1, 3, 16 (GEMV path) and 70 (GEMM path). Interpret-mode outputs start as NaN and the
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caldera_jax.caldera import incoherence as inc
-from caldera_jax.caldera.quant import e8p, packing
+from caldera_jax.formats import e8p, packing
+from caldera_jax.formats import incoherence as inc
 from caldera_jax.kernels import hadamard, qlr_pallas, select
 from caldera_jax.kernels.qlr import BACKENDS, qlr_linear
 from caldera_jax.kernels.qlr_random import random_qlr
@@ -46,6 +46,8 @@ CASES = {
     "e8p3+u4g4 r3 inco": (20, 96, "e8p3", 3, "u4g4", True),
     "e8p4+u4g4 r3": (24, 40, "e8p4", 3, "u4g4", False),
     "u4g16 r0": (9, 13, "u4g16", 0, "u4g4", False),
+    "fp4+u4g4 r5 inco": (48, 160, "fp4", 5, "u4g4", True),          # NVFP4-like Q
+    "fp4 r0": (9, 45, "fp4", 0, "u4g4", False),                     # odd n: half-used byte, partial group
 }
 # every (case, rows, dtype) would be 96 interpret-mode compiles; each case gets a GEMV and (mostly)
 # the GEMM path, and over all cases every rows value meets every dtype
@@ -59,6 +61,8 @@ COMBOS = {
     "e8p3+u4g4 r3 inco": [(16, f32), (70, bf16)],
     "e8p4+u4g4 r3": [(1, f16), (70, f32)],
     "u4g16 r0": [(16, bf16), (3, f32)],
+    "fp4+u4g4 r5 inco": [(1, f32), (70, bf16)],
+    "fp4 r0": [(3, f16), (70, f32)],
 }
 
 
@@ -84,11 +88,28 @@ def _np_uniform_codes(words: np.ndarray, bits: int, n: int) -> np.ndarray:
     return (lo | (hi << 2)).reshape(m, -1)[:, :n].astype(np.int64)
 
 
+def _np_e2m1(c: np.ndarray) -> np.ndarray:
+    e, mb = (c >> 1) & 3, (c & 1).astype(np.float64)
+    mag = np.where(e == 0, mb * 0.5, 2.0 ** (e - 1) * (1.0 + mb / 2))
+    return np.where(c & 8, -mag, mag)
+
+
+def _np_e4m3(b: np.ndarray) -> np.ndarray:
+    e, mb = (b >> 3) & 15, (b & 7).astype(np.float64)
+    v = np.where(e == 0, mb / 8 * 2.0 ** -6, (1 + mb / 8) * 2.0 ** (e - 7))
+    return np.where(b & 0x80, -v, v)
+
+
 def np_dequantize(pm) -> np.ndarray:
     f = pm.fmt
     m, n = f.shape
     if f.kind == "dense":
         return np.asarray(pm.codes, np.float64)
+    if f.kind == "fp4":                   # formats/fp4.py: nibbles (low = even column), e4m3 bytes
+        b = np.asarray(pm.codes, np.int64)
+        c = np.stack([b & 15, b >> 4], -1).reshape(m, -1)[:, :n]
+        s = _np_e4m3(np.asarray(pm.scales, np.int64))[:, np.arange(n) // 16]
+        return np.asarray(pm.tensor_scale).item() * s * _np_e2m1(c)
     if f.kind == "uniform":
         c = _np_uniform_codes(np.asarray(pm.codes), f.bits, n).astype(np.float64)
         gi = np.arange(n) // f.group_size
@@ -196,7 +217,8 @@ def test_stacked_experts_pallas():
 
 @pytest.mark.parametrize("name,rows,dt", [("e8p2+u4g4 r5 inco", 3, jnp.float32),
                                           ("u4g7a+u3g4 r6 inco", 70, jnp.float32),
-                                          ("u3g32+u4g8 r13", 16, jnp.bfloat16)])
+                                          ("u3g32+u4g8 r13", 16, jnp.bfloat16),
+                                          ("fp4+u4g4 r5 inco", 3, jnp.float32)])
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_vjp_matches_grad_of_xla_reference(name, rows, dt, backend):
     """custom VJP (dx = dy·W through the backend's transposed kernels) == jax.grad of the plain
@@ -257,6 +279,7 @@ def test_select_cpu_is_xla_and_table_lookup():
     if not ON_GPU:
         assert select.choose(x, w) == "xla"
     assert select.format_key(w) == "e8p2+u4g4r5"
+    assert select.format_key(_weight("fp4+u4g4 r5 inco")) == "fp4+u4g4r5"
     entries = [dict(device="dev", format="e8p2+u4g4r5", m=4096, n=4096, rows=1, us={"xla": 40.0, "pallas": 9.0}),
                dict(device="dev", format="e8p2+u4g4r5", m=4096, n=4096, rows=4096, us={"xla": 900.0, "pallas": 1200.0}),
                dict(device="other", format="e8p2+u4g4r5", m=48, n=160, rows=1, us={"triton": 1.0})]
@@ -265,15 +288,30 @@ def test_select_cpu_is_xla_and_table_lookup():
     assert select.lookup("dev", "u4g64+u4g64r64", 4096, 4096, 1, entries) is None
 
 
-def test_select_env_override(monkeypatch):
+def test_backend_is_an_argument_not_the_environment(monkeypatch):
+    """The backend reaches qlr_linear as an argument: the weight's own `backend` (set for a whole
+    tree by linear.with_backend) through linear.apply. The environment is never read, so a variable
+    set after (or before) tracing changes nothing."""
+    from caldera_jax import linear
+    from caldera_jax.kernels.qlr import register_backend
     w = _weight("u4g16 r0")
-    x = _x(1, w.shape[1], jnp.float32)
-    monkeypatch.setenv(select.ENV, "xla")
-    assert select.choose(x, w) == "xla"
+    x = _x(2, w.shape[1], jnp.float32)
+    monkeypatch.setenv("CALDERA_QLR_BACKEND", "pallas")
     if not ON_GPU:
-        monkeypatch.setenv(select.ENV, "pallas")
-        with pytest.raises(RuntimeError, match="interpret"):
-            select.choose(x, w)
+        assert select.choose(x, w) == "xla"
+    seen = []
+    register_backend("spy", lambda x, w: seen.append(w.backend) or BACKENDS["xla"](x, w))
+    try:
+        params = {"a": {"weight": w}, "b": jnp.ones(3)}
+        forced = linear.with_backend(params, "spy")
+        assert forced["a"]["weight"].backend == "spy" and params["a"]["weight"].backend == "auto"
+        y = linear.apply(x, forced["a"]["weight"])
+        assert seen == ["spy"]
+        _check(y, x, reference_w(w), jnp.float32, "forced backend")
+        with pytest.raises(ValueError, match="unknown backend 'nope'"):
+            linear.with_backend(params, "nope")
+    finally:
+        BACKENDS.pop("spy")
 
 
 def test_triton_backend_through_jax_triton():

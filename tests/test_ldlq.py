@@ -8,7 +8,7 @@ import pytest
 
 from caldera_jax.caldera import hessian as hs
 from caldera_jax.caldera import ldlq
-from caldera_jax.caldera.quant import base as qb
+from caldera_jax.formats import quant as qb
 
 M, N = 48, 64
 
@@ -82,7 +82,7 @@ def test_ldlq_pass_matches_float64_reference(g, sb):
 
 
 @pytest.mark.parametrize("spec", [qb.QuantSpec("uniform", 2, 16), qb.QuantSpec("uniform", 3, 16, False),
-                                  qb.QuantSpec("e8p", 2)], ids=["u2", "u3asym", "e8p2"])
+                                  qb.QuantSpec("e8p", 2), qb.QuantSpec("fp4", 4)], ids=["u2", "u3asym", "e8p2", "fp4"])
 def test_ldlq_beats_nearest_in_h_norm(spec):
     for seed in range(2):
         w, h = _problem(seed)
@@ -93,7 +93,8 @@ def test_ldlq_beats_nearest_in_h_norm(spec):
         np.testing.assert_array_equal(np.asarray(qb.dequantize(qm)), np.asarray(wh))
 
 
-@pytest.mark.parametrize("spec", [qb.QuantSpec("uniform", 2, 16), qb.QuantSpec("e8p", 2)], ids=["u2", "e8p2"])
+@pytest.mark.parametrize("spec", [qb.QuantSpec("uniform", 2, 16), qb.QuantSpec("e8p", 2), qb.QuantSpec("fp4", 4)],
+                         ids=["u2", "e8p2", "fp4"])
 def test_sweeps_monotone_and_consistent(spec):
     w, h = _problem(3)
     _, w0 = _run(w, h, spec, 0)
@@ -110,8 +111,8 @@ def test_sweep_row_compaction_equals_plain_sweeps():
     wj = jnp.asarray(w, jnp.float32)
     fac = ldlq.factors_for(jnp.asarray(h, jnp.float32), spec)
     params = qb.fit(wj, spec)
-    rf = functools.partial(ldlq._round, spec=spec, n=N)
-    prm = (params.scales, params.zeros)
+    rf = functools.partial(qb.ldlq_round, spec=spec, n=N)
+    prm = qb.ldlq_params(params)
     wh, codes = ldlq.ldlq_pass(wj, fac, rf, prm)
 
     @jax.jit
@@ -151,13 +152,30 @@ def test_choose_super_block():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_fast_e8p_rounding_matches_quantizer(bits):
-    """LDLQ's E8P rounding (ldlq._e8p_round_block) gives the quantizer's codes and values."""
+    """LDLQ's E8P rounding (the registry's ldlq_round: e8p.nearest_e8p_fast) gives the quantizer's
+    codes and values."""
     spec = qb.QuantSpec("e8p", bits)
     rng = np.random.default_rng(bits)
     w = jnp.asarray(rng.standard_normal((512, 64)) * np.exp(rng.standard_normal((512, 1))), jnp.float32)
     w = w.at[0, :8].set(0.0)                                   # ties / zeros
     params = qb.fit(w, spec)
     ref = jax.jit(lambda w: qb.round_block(w, params, 0, spec))(w)
-    got = jax.jit(lambda w: ldlq._e8p_round_block(w, params.scales, spec))(w)
+    got = jax.jit(lambda w: qb.ldlq_round(w, 0, qb.ldlq_params(params), spec, w.shape[1]))(w)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
+
+
+def test_fp4_ldlq_round_is_the_quantizers_rounding():
+    """LDLQ's FP4 rounding (per-row effective scales tensor·e4m3) gives round_block's codes and values,
+    on column blocks at any offset (including the partial last group)."""
+    spec = qb.QuantSpec("fp4", 4)
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal((40, 50)) * np.exp(rng.standard_normal((40, 1))), jnp.float32)
+    params = qb.fit(w, spec)
+    prm = qb.ldlq_params(params)
+    assert jax.tree.leaves(prm)[0].shape[0] == 40                     # per-row (greedy_sweeps slices rows)
+    for c0, b in ((0, 1), (17, 1), (32, 18), (49, 1)):
+        ref = qb.round_block(w[:, c0:c0 + b], params, c0, spec)
+        got = jax.jit(lambda x: qb.ldlq_round(x, c0, prm, spec, 50))(w[:, c0:c0 + b])
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))

@@ -8,7 +8,7 @@ import numpy as np
 from caldera_jax.caldera import hessian as hs
 from caldera_jax.caldera import ldlq
 from caldera_jax.caldera import lowrank
-from caldera_jax.caldera.quant import base as qb
+from caldera_jax.formats import quant as qb
 
 M, N, R = 64, 96, 8
 

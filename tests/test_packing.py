@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
-from caldera_jax.caldera.quant import QuantSpec, dequantize, quantize
-from caldera_jax.caldera.quant import packing
-from caldera_jax.caldera.quant.packing import PackedMatrix
+from caldera_jax.formats import packing
+from caldera_jax.formats.packing import PackedMatrix
+from caldera_jax.formats.quant import QuantSpec, dequantize, quantize
 
 RNG = np.random.default_rng(1)
 
@@ -52,7 +52,7 @@ def test_word_layout_is_the_documented_one():
 
 SPECS = ([QuantSpec("uniform", b, 7, s) for b in (2, 3, 4, 8) for s in (True, False)]
          + [QuantSpec("uniform", 3, 32, False), QuantSpec("uniform", 4, 64),
-            QuantSpec("e8p", 2), QuantSpec("e8p", 3), QuantSpec("e8p", 4)])
+            QuantSpec("e8p", 2), QuantSpec("e8p", 3), QuantSpec("e8p", 4), QuantSpec("fp4", 4)])
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -62,12 +62,17 @@ def test_pack_unpack_round_trip(spec):
     qm = quantize(w, spec)
     pm = packing.pack(qm)
     for a in pm.arrays().values():
-        assert a.dtype in (jnp.uint8, jnp.uint16, jnp.uint32, jnp.float16)
+        assert a.dtype in (jnp.uint8, jnp.uint16, jnp.uint32, jnp.float16, jnp.float32)
     q2 = packing.unpack(pm)
     assert q2.spec == qm.spec and q2.shape == qm.shape
     np.testing.assert_array_equal(np.asarray(q2.codes), np.asarray(qm.codes))
     np.testing.assert_array_equal(np.asarray(q2.scales), np.asarray(qm.scales))
+    if qm.tensor_scale is not None:
+        np.testing.assert_array_equal(np.asarray(q2.tensor_scale), np.asarray(qm.tensor_scale))
     np.testing.assert_array_equal(np.asarray(packing.dequantize(pm)), np.asarray(dequantize(qm)))
+    for name, a in pm.arrays().items():                   # what the format declares (checkpoint check)
+        dtypes, shape = packing.array_specs(pm.fmt)[name]
+        assert np.dtype(a.dtype).name in dtypes and tuple(a.shape) == shape, name
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -78,18 +83,22 @@ def test_pack_unpack_round_trip(spec):
     (QuantSpec("e8p", 2), 2 + 16 / 256),
     (QuantSpec("e8p", 3), 3 + 16 / 256),
     (QuantSpec("e8p", 4), 4 + 16 / 256),
+    (QuantSpec("fp4", 4), 4 + 8 / 16 + 32 / (16 * 256)),        # e2m1 + e4m3 per 16 + fp32 per tensor
 ], ids=str)
 def test_bits_per_param_is_theoretical(spec, expected):
     pm = packing.pack(quantize(jnp.asarray(RNG.standard_normal((16, 256)).astype(np.float32)), spec))
     assert abs(packing.bits_per_param(pm) - expected) <= 0.02 * expected
     assert abs(packing.theoretical_bits_per_param(pm.fmt) - expected) < 1e-9
+    if spec.kind == "fp4":                                      # counted exactly
+        assert packing.bits_per_param(pm) == expected
     assert packing.nbytes(pm) == sum(np.asarray(a).nbytes for a in pm.arrays().values())
 
 
 def test_safetensors_round_trip(tmp_path):
     mats = {"u3": quantize(jnp.asarray(RNG.standard_normal((4, 50)).astype(np.float32)),
                            QuantSpec("uniform", 3, 16, False)),
-            "e4": quantize(jnp.asarray(RNG.standard_normal((4, 50)).astype(np.float32)), QuantSpec("e8p", 4))}
+            "e4": quantize(jnp.asarray(RNG.standard_normal((4, 50)).astype(np.float32)), QuantSpec("e8p", 4)),
+            "f4": quantize(jnp.asarray(RNG.standard_normal((4, 51)).astype(np.float32)), QuantSpec("fp4", 4))}
     tensors, fmts = {}, {}
     for k, qm in mats.items():
         pm = packing.pack(qm)
@@ -117,3 +126,24 @@ def test_dense_factor_and_signs():
         bits = packing.pack_signs(jnp.asarray(s))
         assert bits.dtype == jnp.uint8 and bits.shape == (2, -(-n // 8))
         np.testing.assert_array_equal(np.asarray(packing.unpack_signs(bits, n)), s)
+
+
+def test_fp4_byte_layout_and_float64_reference():
+    """FP4 packed bytes: column 2j in the low nibble of byte j, 2j+1 in the high one; the scale bytes
+    are the e4m3 bit patterns; dequantizing the bytes from the e2m1 / e4m3 definitions in float64
+    gives packing.dequantize."""
+    import ml_dtypes
+    from tests.test_quant import e2m1_np, e4m3_np
+    w = RNG.standard_normal((3, 37)).astype(np.float32)
+    qm = quantize(jnp.asarray(w), QuantSpec("fp4", 4))
+    pm = packing.pack(qm)
+    codes, b = np.asarray(qm.codes), np.asarray(pm.codes)
+    assert b.dtype == np.uint8 and b.shape == (3, 19) and pm.scales.dtype == jnp.uint8 and pm.scales.shape == (3, 3)
+    np.testing.assert_array_equal(b & 15, codes[:, 0::2])
+    np.testing.assert_array_equal(b[:, :18] >> 4, codes[:, 1::2])
+    assert np.all(b[:, 18] >> 4 == 0)                          # the missing 38th column
+    np.testing.assert_array_equal(np.asarray(pm.scales),
+                                  np.asarray(qm.scales).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+    c = np.stack([b & 15, b >> 4], -1).reshape(3, -1)[:, :37]
+    ref = np.asarray(pm.tensor_scale).item() * np.repeat(e4m3_np(np.asarray(pm.scales)), 16, axis=1)[:, :37] * e2m1_np(c)
+    np.testing.assert_allclose(np.asarray(packing.dequantize(pm), np.float64), ref, rtol=2e-7, atol=0)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from caldera_jax import linear
-from caldera_jax.caldera import incoherence as inc
-from caldera_jax.caldera.qlr_weight import QLRWeight
-from caldera_jax.caldera.quant import QuantSpec, dequantize, quantize
-from caldera_jax.caldera.quant import packing
+from caldera_jax.formats import incoherence as inc
+from caldera_jax.formats import packing
+from caldera_jax.formats.qlr_weight import QLRWeight
+from caldera_jax.formats.quant import QuantSpec, dequantize, quantize
 from caldera_jax.kernels.qlr import qlr_linear
 
 RNG = np.random.default_rng(3)
@@ -52,6 +52,7 @@ CASES = {
     "u3 asym + bf16 factors r7": (20, 24, 7, QuantSpec("uniform", 3, 7, False), None, True),
     "u4 rank0 plain": (9, 13, 0, QuantSpec("uniform", 4, 8), None, False),
     "e8p4+u2 r3 plain": (10, 21, 3, QuantSpec("e8p", 4), QuantSpec("uniform", 2, 2, False), False),
+    "fp4+u4 r5 incoherent": (48, 40, 5, QuantSpec("fp4", 4), QuantSpec("uniform", 4, 4), True),
 }
 
 
@@ -65,7 +66,7 @@ def test_dequantize_and_apply_match_float64(case):
     x64 = RNG.standard_normal((2, 3, n))
     for dt in (jnp.float32, jnp.bfloat16) + ((jnp.float16,) if r == 0 else ()):
         x = jnp.asarray(x64, dt)
-        y = w.apply(x)
+        y = linear.apply(x, w)
         assert y.dtype == dt and y.shape == (2, 3, m)
         ref = np.asarray(x, np.float64) @ W.T             # the input as the layer receives it
         err = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
@@ -81,7 +82,7 @@ def test_jit_and_linear_apply():
     with pytest.raises(ValueError, match="backend"):
         qlr_linear(x, w, backend="nope")
     # gradient w.r.t. the input flows through the xla path
-    g = jax.grad(lambda x: jnp.sum(w.apply(x) ** 2))(x)
+    g = jax.grad(lambda x: jnp.sum(linear.apply(x, w) ** 2))(x)
     g_ref = 2 * (x @ w.dequantize().T) @ w.dequantize()
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-3, atol=1e-3)
 
@@ -184,3 +185,19 @@ def test_qlr_weight_as_model_param_leaf(tiny_moe, names):
     y0 = np.asarray(forward(params, cfg, tokens))
     np.testing.assert_allclose(yq, yd, atol=2e-4 * np.abs(yd).max())
     assert np.abs(yq - y0).max() > 1e-4                       # the compressed weight was really used
+
+
+def test_fp4_weight_accounting_and_storage(tmp_path):
+    """An fp4 Q: bits counted exactly (nibbles + e4m3 byte per 16 + fp32 tensor scale), and the
+    tensor scale travels through to_arrays / from_arrays (safetensors: uint8 codes and scales)."""
+    from safetensors.numpy import load_file, save_file
+    m, n = 32, 64
+    w = _weight(m, n, 0, QuantSpec("fp4", 4), None, incoherent=False)
+    assert w.q.nbytes() == m * n // 2 + m * n // 16 + 4
+    assert w.q.bits_per_param() == 4 + 8 / 16 + 32 / (m * n)
+    arrays, meta = w.to_arrays()
+    assert {k: np.asarray(v).dtype.name for k, v in arrays.items() if k.startswith("q.")} == \
+        {"q.codes": "uint8", "q.scales": "uint8", "q.tensor_scale": "float32"}
+    save_file({k: np.asarray(v) for k, v in arrays.items()}, str(tmp_path / "w.safetensors"))
+    back = QLRWeight.from_arrays(load_file(str(tmp_path / "w.safetensors")), meta)
+    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(w.dequantize()))

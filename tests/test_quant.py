@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caldera_jax.caldera.quant import (QuantSpec, assemble, dequantize, fit, pad_cols, padded_n,
-                                       quantize, round_block)
-from caldera_jax.caldera.quant import e8p
+from caldera_jax.formats import e8p, fp4
+from caldera_jax.formats.quant import (QuantSpec, assemble, dequantize, fit, pad_cols, padded_n, quantize,
+                                       round_block)
 from caldera_jax.caldera.spec import MatrixBudget
 
 RNG = np.random.default_rng(0)
@@ -88,7 +88,8 @@ def test_error_decreases_with_bits():
 def test_zero_group_and_group_size_one():
     w = np.zeros((3, 20), np.float32)
     w[1, 5:] = RNG.standard_normal(15)
-    for spec in (QuantSpec("uniform", 2, 4, True), QuantSpec("uniform", 3, 1, False), QuantSpec("e8p", 2)):
+    for spec in (QuantSpec("uniform", 2, 4, True), QuantSpec("uniform", 3, 1, False), QuantSpec("e8p", 2),
+                 QuantSpec("fp4", 4)):
         d = np.asarray(dequantize(quantize(jnp.asarray(w), spec)))
         assert np.isfinite(d).all() and np.abs(d[0]).max() < 1e-6 and np.abs(d[2]).max() < 1e-6
     d = np.asarray(dequantize(quantize(jnp.asarray(w), QuantSpec("uniform", 3, 1, False))))
@@ -96,7 +97,7 @@ def test_zero_group_and_group_size_one():
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("uniform", 3, 10, True), QuantSpec("uniform", 4, 16, False),
-                                  QuantSpec("e8p", 4)])
+                                  QuantSpec("e8p", 4), QuantSpec("fp4", 4)])
 def test_round_block_over_all_blocks_equals_quantize(spec):
     m, n = 5, 37                                   # n not a multiple of the group nor of 8
     w = jnp.asarray(RNG.standard_normal((m, n)).astype(np.float32))
@@ -125,7 +126,7 @@ def test_round_block_over_all_blocks_equals_quantize(spec):
     np.testing.assert_array_equal(np.asarray(qs.codes), np.asarray(qm.codes))
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("uniform", 4, 16, False), QuantSpec("e8p", 3)])
+@pytest.mark.parametrize("spec", [QuantSpec("uniform", 4, 16, False), QuantSpec("e8p", 3), QuantSpec("fp4", 4)])
 def test_vmap_over_stack(spec):
     w = jnp.asarray(RNG.standard_normal((3, 8, 24)).astype(np.float32))
     qs = jax.vmap(lambda x: quantize(x, spec))(w)
@@ -196,3 +197,87 @@ def test_e8p_odd_shapes():
             d = dequantize(qm)
             assert d.shape == (m, n)
             assert float(jnp.mean((d - w) ** 2)) < 0.2 * float(jnp.mean(w ** 2)) + 0.05
+
+
+# ------------------------------------------------------------------------------------------ FP4
+
+def e2m1_np(codes: np.ndarray) -> np.ndarray:
+    """float64 e2m1 values from the bit fields: bit 3 sign, bits 2..1 exponent (bias 1), bit 0 mantissa."""
+    c = np.asarray(codes, np.int64)
+    e, m = (c >> 1) & 3, (c & 1).astype(np.float64)
+    mag = np.where(e == 0, m * 0.5, 2.0 ** (e - 1) * (1.0 + m / 2))
+    return np.where(c & 8, -mag, mag)
+
+
+def e4m3_np(b: np.ndarray) -> np.ndarray:
+    """float64 value of e4m3fn bytes from the bit fields (bias 7, subnormals; 0x7F/0xFF NaN)."""
+    b = np.asarray(b, np.int64)
+    e, m = (b >> 3) & 15, (b & 7).astype(np.float64)
+    v = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    v = np.where((b & 0x7F) == 0x7F, np.nan, v)
+    return np.where(b & 0x80, -v, v)
+
+
+def test_fp4_grids_are_the_definitions():
+    assert sorted(set(np.abs(e2m1_np(np.arange(16))))) == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    np.testing.assert_array_equal(fp4.E2M1.astype(np.float64), e2m1_np(np.arange(16)))
+    import ml_dtypes
+    b = np.arange(256, dtype=np.uint8)
+    ours, theirs = e4m3_np(b), b.view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    np.testing.assert_array_equal(ours[~np.isnan(ours)], theirs[~np.isnan(ours)])
+    assert e4m3_np(np.array([0x7E]))[0] == 448 and e4m3_np(np.array([0x01]))[0] == 2.0 ** -9
+
+
+def test_fp4_spec_and_budget():
+    s = QuantSpec("fp4", 4, group_size=64, symmetric=False)
+    assert (s.group_size, s.symmetric, s.block) == (16, True, 1) and s == QuantSpec("fp4")
+    assert QuantSpec.for_q(MatrixBudget(quantizer="fp4", b_q=4)) == QuantSpec("fp4", 4)
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec("fp4", 3)
+    from caldera_jax.caldera.spec import BudgetError
+    MatrixBudget(quantizer="fp4", b_q=4).validate()
+    with pytest.raises(BudgetError, match=r"b_q=2 is not supported by the fp4 quantizer \(allowed: \(4,\)\)"):
+        MatrixBudget(quantizer="fp4", b_q=2).validate()
+
+
+def test_fp4_matches_float64_reference():
+    """fit follows NVFP4 (tensor scale amax/(6·448), e4m3 block scales of amax/6), and dequantize
+    equals tensor_scale · e4m3 · e2m1 computed in float64 from the bit-field definitions."""
+    import ml_dtypes
+    m, n = 7, 45                                          # n: 2 full groups of 16 and a partial one
+    w = RNG.standard_normal((m, n)).astype(np.float32) * np.exp(RNG.standard_normal((m, 1))).astype(np.float32)
+    w[2, 16:32] = 0.0                                     # an all-zero group
+    w[3, 5] = 40.0                                        # an outlier sets the tensor scale
+    qm = jax.jit(lambda w: quantize(w, QuantSpec("fp4", 4)))(jnp.asarray(w))
+    assert qm.codes.shape == (m, n) and qm.scales.shape == (m, 3) and qm.tensor_scale.shape == ()
+    assert int(qm.codes.min()) >= 0 and int(qm.codes.max()) < 16
+    ts = float(qm.tensor_scale)
+    assert ts == np.float32(np.float32(40.0) / np.float32(6 * 448))
+    # block scales: e4m3 of max|block| / (6 ts), floored at the smallest subnormal
+    G = 3
+    wp = np.pad(np.abs(w), ((0, 0), (0, G * 16 - n))).reshape(m, G, 16).max(-1)
+    want = np.clip(wp / (np.float32(6) * np.float32(ts)), 2.0 ** -9, 448).astype(np.float32)
+    want = want.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(qm.scales), want)
+    # dequantize vs the float64 definition
+    s = e4m3_np(np.asarray(qm.scales).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+    ref = ts * np.repeat(s, 16, axis=1)[:, :n] * e2m1_np(np.asarray(qm.codes))
+    got = np.asarray(dequantize(qm), np.float64)
+    np.testing.assert_allclose(got, ref, rtol=2e-7, atol=0)
+    assert np.all(got[2, 16:32] == 0)
+
+
+def test_fp4_nearest_rounding_is_optimal():
+    """With the fitted scales, every weight's value is the nearest of the 16 grid points."""
+    w = (RNG.standard_normal((64, 96)) * np.exp(RNG.standard_normal((64, 96)) * 0.7)).astype(np.float32)
+    spec = QuantSpec("fp4", 4)
+    params = fit(jnp.asarray(w), spec)
+    qm = quantize(jnp.asarray(w), spec)
+    eff = (np.asarray(params.scales, np.float64) * float(params.tensor_scale)).repeat(16, axis=1)   # [m, n]
+    grid = eff[..., None] * e2m1_np(np.arange(16))[None, None, :]                                  # [m, n, 16]
+    best = np.abs(w[..., None] - grid).min(-1)
+    mine = np.abs(w - np.asarray(dequantize(qm), np.float64))
+    assert np.all(mine <= best + 1e-6 * eff), np.max(mine - best)
+    # and the error is what 4-bit floating point gives on heavy-tailed data (well below 2-bit E8P)
+    rel = np.linalg.norm(np.asarray(dequantize(qm)) - w) / np.linalg.norm(w)
+    assert rel < 0.12, rel

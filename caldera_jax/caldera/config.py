@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from caldera_jax import families
 from caldera_jax.caldera.spec import BudgetError, MatrixBudget
 from caldera_jax.config import ModelConfig
 from caldera_jax.params import param_shapes
@@ -70,7 +71,9 @@ TOP_KEYS = ("defaults", "pattern_overrides", "protect")
 
 
 # ------------------------------------------------------------------ which matrices
-_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:experts\.)?(?:gate|up|down)_proj)\.weight$")
+# every family's decoder-layer linears (caldera_jax.families: Family.linears)
+_LINEAR = re.compile(r"^model\.layers\.(\d+)\.("
+                     + "|".join(map(re.escape, families.linears())) + r")\.weight$")
 
 
 def is_compressible(name: str) -> bool:
@@ -213,7 +216,7 @@ class JobConfig:
         kw, origin = self._merged(name)
         b = _validate(MatrixBudget(**kw), tuple(shape[-2:]), f"{self.source}", origin, name)
         if b.incoherence:
-            from caldera_jax.caldera import incoherence
+            from caldera_jax.formats import incoherence
             for side, k in zip(("m (rows)", "n (columns)"), shape[-2:]):
                 if not incoherence.is_supported(int(k)):
                     raise JobConfigError(

@@ -32,6 +32,7 @@ reassociation in batched matmuls (Q only: identical codes; with LR: can flip a f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, NamedTuple, Sequence
@@ -42,11 +43,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from caldera_jax.caldera import hessian as hs
-from caldera_jax.caldera import incoherence as inc
 from caldera_jax.caldera import ldlq
 from caldera_jax.caldera import lowrank
-from caldera_jax.caldera.quant import base as qb
 from caldera_jax.caldera.spec import MatrixBudget
+from caldera_jax.formats import incoherence as inc
+from caldera_jax.formats import quant as qb
+from caldera_jax.formats.qlr_weight import QLRWeight
 
 MODES = ("ldlq", "nearest")
 
@@ -86,12 +88,33 @@ def _unrotate(w_rot, signs_in, signs_out, incoherent: bool):
 # ----------------------------------------------------------------------------------------------
 # checks
 # ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def named_errors(matrix: str, layer: int | None = None):
+    """Puts the matrix (and its layer) in front of any ValueError raised inside (DecomposeError,
+    HessianError, BudgetError, ...; same type): `model.layers.1.mlp.down_proj (layer 1): decompose:
+    H: ...`. What a whole-model job wraps each decompose / decompose_many call in."""
+    prefix = matrix.removesuffix(".weight") + ("" if layer is None else f" (layer {layer})")
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith(prefix):
+            raise
+        try:
+            named = type(e)(f"{prefix}: {msg}")
+        except Exception:          # an exception type that wants other arguments
+            named = DecomposeError(f"{prefix}: {msg}")
+        raise named.with_traceback(e.__traceback__) from None
+
+
 def check_inputs(w, h, budget: MatrixBudget, where: str = "decompose") -> tuple[int, int]:
     """Host-side validation; raises DecomposeError / BudgetError / HessianError naming the problem."""
     if not isinstance(budget, MatrixBudget):
         raise DecomposeError(f"{where}: budget must be a MatrixBudget, got {type(budget).__name__}")
     m, n = hs.check_weight(w, where=f"{where}: W")
-    hs.check_hessian(h, n, where=f"{where}: H")
+    # PSD within a fraction of the ridge decompose adds (sigma_reg · mean diag): anything the
+    # ridge dominates is float32 rounding of Σ xᵀx, not an error
+    hs.check_hessian(h, n, where=f"{where}: H", ridge=budget.sigma_reg)
     budget.validate((m, n), where=where)
     if budget.incoherence:
         for side, k in (("m (output rows)", m), ("n (input columns)", n)):
@@ -293,7 +316,6 @@ def _check_mode(mode: str, svd_method: str):
 
 def to_qlr(parts: Parts, budget: MatrixBudget, shape: tuple[int, int]):
     """Builds the QLRWeight (Q's compressed-matrix object) from the core's parts."""
-    from caldera_jax.caldera.qlr_weight import QLRWeight
     return QLRWeight.from_parts(parts.q, parts.l if budget.rank else None,
                                 parts.r if budget.rank else None, parts.scale,
                                 parts.signs_in if budget.incoherence else None,

@@ -8,7 +8,14 @@ decomposition works with
 so that sigma_reg is a *relative* ridge (the research notes: too small a ridge gave condition
 numbers ~1e12 and broken results). Everything here is pure and jittable except `check_hessian`,
 which inspects values on the host (float64 numpy) and raises `HessianError` with a clear message;
-run it before jit (decompose does).
+run it before jit (decompose does, with the matrix's sigma_reg as `ridge`).
+
+PSD tolerance (issue 10): a Σ xᵀx rounded to float32 is PSD only up to ~eps32 · ‖H‖, which is
+large relative to mean(diag H) when outlier channels dominate H (Qwen2.5-Coder-1.5B layer 1
+down_proj: λmax = 3369 · mean diag, and 8192 tokens < 8960 features leave a 768-dim null space).
+The smallest eigenvalue of H / mean(diag H) is therefore judged against the ridge decompose adds:
+below -PSD_RIDGE_FRACTION · sigma_reg (5% of it) H is refused, anything the ridge dominates is
+accepted; never stricter than H's own float32 rounding (`psd_tolerance`).
 
 Factorisations run in float32 inside jit (x64 is off on the CPU and GPU images). `robust_cholesky`
 (what decompose uses) factors once and, only when a pivot broke down (NaN: e.g. sigma_reg=0 on a
@@ -47,14 +54,41 @@ def check_weight(w, where: str = "W") -> tuple[int, int]:
     return shape  # type: ignore[return-value]
 
 
+PSD_RIDGE_FRACTION = 0.05   # an eigenvalue below -this · ridge is an error (the ridge would not dominate it)
+PSD_TOL_NO_RIDGE = 1e-4     # the tolerance when no ridge is given (or sigma_reg = 0)
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
+def psd_tolerance(h, ridge: float | None = None, *, fraction: float = PSD_RIDGE_FRACTION,
+                  no_ridge_tol: float = PSD_TOL_NO_RIDGE) -> float:
+    """How negative the smallest eigenvalue of H / mean(diag H) may be before H is refused.
+
+    With the relative ridge `ridge` (sigma_reg) that decompose adds to H / mean(diag H): fraction ·
+    ridge (default 5%: H_reg's smallest eigenvalue stays >= 0.95 · ridge, so the ridge still
+    dominates). Without a ridge (None or 0): no_ridge_tol. Never below the float32 representation
+    limit of H: rounding every entry of an exactly PSD H to float32 moves its eigenvalues by up to
+    ‖ΔH‖₂ <= (eps32 / 2) ‖H‖_F, which is large relative to mean(diag H) when a few outlier input
+    channels dominate H (Qwen2: one channel ~1000 x the mean diagonal), so the floor is
+    eps32 · ‖H‖_F / mean(diag H)."""
+    a = np.asarray(h, dtype=np.float64)
+    md = float(np.mean(np.diag(a)))
+    floor = _EPS32 * float(np.linalg.norm(a)) / md if md > 0 else 0.0
+    tol = fraction * ridge if ridge else no_ridge_tol
+    return max(tol, floor)
+
+
 def check_hessian(h, n: int | None = None, where: str = "H", *, sym_tol: float = 1e-3,
-                  psd_tol: float = 1e-4) -> None:
+                  ridge: float | None = None, psd_fraction: float = PSD_RIDGE_FRACTION,
+                  psd_tol: float = PSD_TOL_NO_RIDGE) -> None:
     """Raises HessianError unless h is a finite, square, symmetric, PSD-ish [n, n] matrix with a
     positive diagonal mean.
 
     sym_tol: max |H - Hᵀ| / max |H| allowed (float32 accumulation noise is ~1e-7).
-    psd_tol: the smallest eigenvalue may be down to -psd_tol · mean(diag H) (roundoff of Σ xᵀx).
-    The PSD check is a float64 Cholesky of H + psd_tol·mean(diag)·I (cheap: no eigendecomposition).
+    PSD: the smallest eigenvalue of H / mean(diag H) may be down to -psd_tolerance(h, ridge):
+    psd_fraction · ridge when decompose will add the relative ridge `ridge` (sigma_reg) — anything
+    the ridge dominates is harmless — else psd_tol; never stricter than H's float32 rounding.
+    The PSD check is a float64 Cholesky of H / mean(diag) + tol·I (no eigendecomposition unless
+    it fails, to report the eigenvalue).
     """
     shape = tuple(np.shape(h))
     if len(shape) != 2 or shape[0] != shape[1]:
@@ -67,26 +101,36 @@ def check_hessian(h, n: int | None = None, where: str = "H", *, sym_tol: float =
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise HessianError(f"{where}: Hessian has {int(bad.sum())} NaN/Inf value(s) (first at [{r}, {c}])")
+    del bad
     d = np.diag(a)
     mean_d = float(d.mean())
     if not mean_d > 0:
         raise HessianError(f"{where}: Hessian has mean diagonal {mean_d:g} <= 0 (all-zero or empty "
                            f"calibration? H = Σ xᵀx must have a positive diagonal)")
-    if (d < -psd_tol * mean_d).any():
+    tol = psd_tolerance(a, ridge, fraction=psd_fraction, no_ridge_tol=psd_tol)
+    if (d < -tol * mean_d).any():
         i = int(np.argmin(d))
         raise HessianError(f"{where}: Hessian has a negative diagonal entry H[{i},{i}] = {d[i]:g}: not PSD")
     amax = float(np.abs(a).max())
-    asym = float(np.abs(a - a.T).max()) / amax
+    s = a.T - a
+    asym = float(np.abs(s).max()) / amax
     if asym > sym_tol:
         raise HessianError(f"{where}: Hessian is not symmetric (max |H - Hᵀ| / max |H| = {asym:.3g} "
                            f"> {sym_tol:g})")
-    s = 0.5 * (a + a.T) / mean_d
+    np.add(a, a.T, out=s)                       # s = (H + Hᵀ) / (2 mean diag) + tol·I, in place
+    s *= 0.5 / mean_d
+    s[np.diag_indices_from(s)] += tol
+    del a
     try:
-        np.linalg.cholesky(s + psd_tol * np.eye(shape[0]))
+        np.linalg.cholesky(s)
     except np.linalg.LinAlgError:
+        s[np.diag_indices_from(s)] -= tol
         lam = float(np.linalg.eigvalsh(s)[0])
+        why = (f"{psd_fraction:g} x the ridge sigma_reg = {ridge:g}, which would not dominate it"
+               if ridge else "no ridge")
         raise HessianError(f"{where}: Hessian is not positive semi-definite (smallest eigenvalue of "
-                           f"H / mean(diag H) is {lam:.3g} < -{psd_tol:g})") from None
+                           f"H / mean(diag H) is {lam:.3g} < -{tol:.3g} = -{why}; H = Σ xᵀx cannot "
+                           f"be that indefinite: corrupted or not a calibration Hessian?)") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,43 +214,3 @@ def sqrt_and_inv_sqrt(h: jax.Array, floor: float = 1e-8) -> tuple[jax.Array, jax
 def weighted_sq_error(e: jax.Array, h: jax.Array) -> jax.Array:
     """tr(E H Eᵀ) for E [m, n], H [n, n]."""
     return jnp.sum((e @ h) * e)
-
-
-# ----------------------------------------------------------------------------------------------
-# LAPACK threading (XLA:CPU linalg custom calls)
-# ----------------------------------------------------------------------------------------------
-def limit_lapack_threads(n: int | None = None) -> list[str]:
-    """Caps the OpenBLAS threads behind XLA:CPU's LAPACK calls (jaxlib -> scipy's OpenBLAS).
-
-    Measured here (2 cores): inside a jitted program, XLA runs its thunks on its own thread pool
-    while OpenBLAS's worker threads spin-wait; Cholesky / QR / SVD calls then took 0.5-1 s each
-    instead of ~5 ms, making one 1024x1024 decomposition 18 s instead of 0.75 s (same result).
-    One OpenBLAS thread removes the contention. n defaults to $CALDERA_LAPACK_THREADS or 1.
-    Idempotent; returns the libraries it set (empty when none was found, e.g. no scipy)."""
-    import ctypes
-    import glob
-    import os
-    if n is None:
-        n = int(os.environ.get("CALDERA_LAPACK_THREADS", "1"))
-    done = []
-    try:
-        import scipy
-    except ImportError:            # pragma: no cover
-        return done
-    libdir = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
-    for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:            # pragma: no cover
-            continue
-        for sym in ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-                    "openblas_set_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                done.append(path)
-                break
-    return done
-
-
-limit_lapack_threads()         # at import: every CALDERA module imports this one

@@ -28,8 +28,9 @@ into chunks; see greedy_sweeps): 10 sweeps cost about 4-6 full sweeps.
 
 Quantizer scales are fitted once per call (`fit` on the target W) and stay fixed through the
 feedback and sweeps (as QuIP# / GPTQ with static groups). The returned Ŵ is exactly
-dequantize(QuantizedMatrix). E8P blocks are rounded by a re-laid-out copy of quant/e8p.py's exact
-nearest-codeword search (`_e8p_nearest`, same codes, ~2x faster on XLA:CPU).
+dequantize(QuantizedMatrix). Blocks are rounded by the quantizer's own LDLQ rounding from the format
+registry (formats.quant.ldlq_params / ldlq_round: per-row parameters, e.g. E8P's faster exact
+nearest-codeword search), so LDLQ knows no quantizer by name.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from caldera_jax.caldera import hessian as hs
-from caldera_jax.caldera.quant import base as qb
+from caldera_jax.formats import quant as qb
 
 RoundFn = Callable[..., tuple[jax.Array, jax.Array]]   # (block, col0, prm) -> (ŵ, codes)
 
@@ -309,8 +310,8 @@ def ldlq_quantize(w: jax.Array, fac: LDLFactors, spec: qb.QuantSpec, sweeps: int
     wp = qb.pad_cols(w, spec)
     if wp.shape[1] != fac.n:
         raise ValueError(f"LDLQ: factors are for n={fac.n}, the (padded) weight has {wp.shape[1]} columns")
-    round_fn = functools.partial(_round, spec=spec, n=n)
-    prm = (params.scales, params.zeros)
+    round_fn = functools.partial(qb.ldlq_round, spec=spec, n=n)
+    prm = qb.ldlq_params(params)
     w_hat, codes = ldlq_pass(wp, fac, round_fn, prm)
     w_hat, codes = greedy_sweeps(wp, w_hat, codes, fac, round_fn, sweeps, prm)
     qm = qb.assemble(codes, params, spec, (m, n))
@@ -321,71 +322,3 @@ def nearest_quantize(w: jax.Array, spec: qb.QuantSpec):
     """Nearest rounding (no error feedback): (QuantizedMatrix, ŵ)."""
     qm = qb.quantize(jnp.asarray(w, jnp.float32), spec)
     return qm, qb.dequantize(qm)
-
-
-def _round(block, col0, prm, *, spec, n):
-    """round_block with per-row parameters prm = (scales [rows, …], zeros [rows, …] | None)."""
-    scales, zeros = prm
-    if spec.kind == "e8p":
-        return _e8p_round_block(block, scales, spec)
-    params = qb.QuantParams(scales, zeros, spec, (block.shape[0], n))
-    return qb.round_block(block, params, col0, spec)
-
-
-# ----------------------------------------------------------------------------------------------
-# E8P nearest rounding, faster for LDLQ's many small calls (same codes as quant/e8p.py)
-# ----------------------------------------------------------------------------------------------
-def _e8p_nearest(x: jax.Array):
-    """Nearest E8P codeword of each row of x [N, 8] -> (codeword [N, 8], code [N] int32).
-
-    The same exact search as e8p.nearest_e8p (2 shifts x 256 absolute-value patterns, parity fixed
-    by the cheapest sign flip, first index among ties), laid out for XLA:CPU: the flip cost
-    min_j u_j a_j is reduced over a *major* axis ([N, 2, 8, 256] -> [N, 2, 256]) so it vectorises
-    over the 256 patterns, and the codeword is assembled directly instead of decoded from the code.
-    ~2x faster than the quantizer's version on 1024 vectors; LDLQ rounds one [m, 8] block at a
-    time, 2·(1 + sweeps) times per column block, so this is most of its run time.
-    tests/test_ldlq.py checks the codes against e8p.nearest_e8p."""
-    from caldera_jax.caldera.quant import e8p
-    a = jnp.asarray(e8p.abs_grid())                           # [256, 8]
-    par = jnp.asarray(e8p.abs_parity())                       # [256]
-    y = jnp.stack([x + 0.25, x - 0.25], axis=1)               # [N, 2, 8]: shift -1/4, +1/4
-    u = jnp.abs(y)
-    neg = (y < 0).astype(jnp.int32)
-    p = jnp.sum(neg, axis=-1) % 2                             # [N, 2]
-    dist = (jnp.sum(a * a, -1) - 2.0 * jnp.einsum("nsj,kj->nsk", u, a)
-            + jnp.sum(u * u, -1, keepdims=True))              # [N, 2, 256]
-    flip = jnp.min(u[:, :, :, None] * a.T[None, None], axis=2)   # [N, 2, 256]
-    dist = dist + jnp.where(par != p[..., None], 4.0 * flip, 0.0)
-    d = dist.reshape(-1, 512)
-    k = jnp.min(jnp.where(d == jnp.min(d, axis=-1, keepdims=True),
-                          jnp.arange(512, dtype=jnp.int32), 512), axis=-1)
-    shift, ai = k // 256, k % 256
-    plus = (shift == 1)[:, None]
-    u_s = jnp.where(plus, u[:, 1], u[:, 0])
-    neg_s = jnp.where(plus, neg[:, 1], neg[:, 0])
-    p_s = jnp.where(shift == 1, p[:, 1], p[:, 0])
-    a_s = a[ai]                                               # [N, 8]
-    prod = u_s * a_s
-    jflip = jnp.min(jnp.where(prod == jnp.min(prod, axis=-1, keepdims=True),
-                              jnp.arange(8, dtype=jnp.int32), 8), axis=-1)
-    fl = (jnp.arange(8)[None, :] == jflip[:, None]) & (par[ai] != p_s)[:, None]
-    neg_s = jnp.where(fl, 1 - neg_s, neg_s)
-    # sign of coordinate 0 is implied by parity in the code; the codeword uses the actual signs
-    code = (ai << 8) | jnp.sum(neg_s[:, 1:] << jnp.arange(1, 8, dtype=jnp.int32), axis=-1) | shift
-    cw = jnp.where(neg_s == 1, -a_s, a_s) + jnp.where(plus, 0.25, -0.25)
-    return cw, code.astype(jnp.int32)
-
-
-def _e8p_round_block(w_block: jax.Array, scales: jax.Array, spec: qb.QuantSpec):
-    """e8p.round_block with _e8p_nearest for the E8P stages (RVQ stages as quant/e8p.py)."""
-    from caldera_jax.caldera.quant import e8p
-    m, b = w_block.shape
-    x = (w_block / scales).reshape(m * (b // 8), 8)
-    xh, c = _e8p_nearest(x)
-    codes = [c]
-    for near, _, gain in e8p._stage_fns(spec):
-        near = _e8p_nearest if near is e8p.nearest_e8p else near
-        cw2, c2 = near((x - xh) * gain)
-        xh = xh + cw2 / gain
-        codes.append(c2)
-    return xh.reshape(m, b) * scales, jnp.stack(codes, axis=-1).reshape(m, b // 8, len(codes))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from caldera_jax.caldera import hessian as hs
 from caldera_jax.caldera import ldlq
-from caldera_jax.caldera.quant import base as qb
+from caldera_jax.formats import quant as qb
 
 
 class LRResult(NamedTuple):

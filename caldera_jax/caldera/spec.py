@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-QUANTIZERS = ("uniform", "e8p")
-UNIFORM_BITS = (2, 3, 4, 8)
-E8P_BITS = (2, 3, 4)
-FACTOR_BITS = (2, 3, 4, 8, 16)   # 16: L and R kept in bf16 (not quantized)
+from caldera_jax.formats import registry
 
 
 class BudgetError(ValueError):
@@ -20,11 +17,12 @@ class BudgetError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class MatrixBudget:
     b_q: int = 2                 # bits of Q
-    quantizer: str = "e8p"       # Q quantizer: "uniform" (groupwise scalar) or "e8p" (E8 lattice)
+    quantizer: str = "e8p"       # Q quantizer: a registered kind (formats.registry.KINDS): "uniform"
+                                 # (groupwise scalar), "e8p" (E8 lattice), "fp4" (NVFP4-like)
     b_l: int = 4                 # bits of L [m, rank]; 16 = bf16
     b_r: int = 4                 # bits of R [rank, n]; 16 = bf16
     rank: int = 64               # 0 = Q only
-    group_size: int = 64         # uniform quantizers: consecutive input columns sharing a scale
+    group_size: int = 64         # uniform: consecutive input columns sharing a scale (e8p, fp4: fixed)
     symmetric: bool = True       # uniform: symmetric (absmax) or asymmetric (zero point)
     factor_group_size: int = 64  # uniform quantization of L and R
     iters: int = 5               # outer alternations (LR step, Q step)
@@ -40,14 +38,14 @@ class MatrixBudget:
         """Raises BudgetError naming `where` and the field; returns self."""
         def bad(field, msg):
             raise BudgetError(f"{where}: {field}={getattr(self, field)!r} {msg}")
-        if self.quantizer not in QUANTIZERS:
-            bad("quantizer", f"is not one of {QUANTIZERS}")
-        allowed = E8P_BITS if self.quantizer == "e8p" else UNIFORM_BITS
+        if self.quantizer not in registry.KINDS:
+            bad("quantizer", f"is not one of {registry.KINDS}")
+        allowed = registry.bits(self.quantizer)
         if self.b_q not in allowed:
             bad("b_q", f"is not supported by the {self.quantizer} quantizer (allowed: {allowed})")
         for f in ("b_l", "b_r"):
-            if getattr(self, f) not in FACTOR_BITS:
-                bad(f, f"must be one of {FACTOR_BITS}")
+            if getattr(self, f) not in registry.FACTOR_BITS:
+                bad(f, f"must be one of {registry.FACTOR_BITS}")
         for f in ("group_size", "factor_group_size"):
             if getattr(self, f) < 1:
                 bad(f, "must be >= 1")

@@ -24,7 +24,8 @@ Layout of a checkpoint directory:
 A quantized weight is stored through its own `to_arrays()` / `from_arrays(arrays, meta)` (QLRWeight),
 or else through its dataclass fields: arrays become tensors named "<matrix name>::<field>" and the
 rest (formats, shapes, kind) goes to the layer's JSON;
-PackedMatrix (caldera_jax/caldera/quant/packing.py, the one packed layout) is stored as is; an
+PackedMatrix (caldera_jax/formats/packing.py, the packed layout of every registered format) is
+stored as is (a field with a default, e.g. tensor_scale, may be absent in older files); an
 unpacked QuantizedMatrix is packed on the way out and unpacked on the way in.
 
 A checkpoint never names code. Each stored object carries a kind ("__kind__": "qlr_weight"), looked
@@ -77,16 +78,13 @@ SEP = "::"
 # The only objects a checkpoint can rebuild: kind -> how it is stored ("arrays": the class's own
 # to_arrays()/from_arrays(arrays, meta); "fields": its dataclass fields). The classes: leaf_classes().
 LEAF_LAYOUTS = {"qlr_weight": "arrays", "packed_matrix": "fields", "packed_format": "fields"}
-# Version-1 files named the class by its import path: exactly these strings map to a kind; any other
-# string is refused (never imported).
+# Version-1 files named the class by its import path (where the classes lived then; today they are in
+# caldera_jax.formats): exactly these strings map to a kind; any other string is refused (never imported).
 HISTORIC_CLASS_PATHS = {
     "caldera_jax.caldera.qlr_weight:QLRWeight": "qlr_weight",
     "caldera_jax.caldera.quant.packing:PackedMatrix": "packed_matrix",
     "caldera_jax.caldera.quant.packing:PackedFormat": "packed_format",
 }
-# array names a qlr_weight's to_arrays() writes
-_QLR_ARRAYS = frozenset({f"{p}.{k}" for p in ("q", "l", "r") for k in ("codes", "codes2", "scales", "zeros")}
-                        | {"scale", "signs_in", "signs_out"})
 _QLR_META = frozenset({"shape", "rank", "q", "l", "r"})
 # dtypes a quantized object's tensors may have (jax holds each as is: no silent 64 -> 32 bit cast)
 _LEAF_DTYPES = frozenset({"bool", "int8", "int16", "int32", "uint8", "uint16", "uint32",
@@ -97,9 +95,16 @@ _FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 @functools.cache
 def leaf_classes() -> dict[str, type]:
     """The registry: kind -> class (imported here, lazily: the classes pull in jax)."""
-    from caldera_jax.caldera.qlr_weight import QLRWeight
-    from caldera_jax.caldera.quant.packing import PackedFormat, PackedMatrix
+    from caldera_jax.formats.packing import PackedFormat, PackedMatrix
+    from caldera_jax.formats.qlr_weight import QLRWeight
     return {"qlr_weight": QLRWeight, "packed_matrix": PackedMatrix, "packed_format": PackedFormat}
+
+
+@functools.cache
+def _qlr_arrays() -> frozenset:
+    """Array names a qlr_weight's to_arrays() writes: "<part>.<slot>" for every PackedMatrix slot."""
+    slots = _packing().ARRAY_SLOTS
+    return frozenset({f"{p}.{k}" for p in ("q", "l", "r") for k in slots} | {"scale", "signs_in", "signs_out"})
 
 
 def layer_file(i: int) -> str:
@@ -163,7 +168,7 @@ def file_sha256(path: str) -> str:
 
 # ------------------------------------------------------------------ quantized leaves <-> tensors
 def _packing():
-    from caldera_jax.caldera.quant import packing      # lazily: it pulls in jax
+    from caldera_jax.formats import packing      # lazily: it pulls in jax
     return packing
 
 
@@ -193,7 +198,7 @@ def encode_leaf(obj: Any, prefix: str, tensors: dict[str, np.ndarray]) -> Any:
         return obj
     if isinstance(obj, np.generic):
         return obj.item()
-    from caldera_jax.caldera.quant.base import QuantizedMatrix
+    from caldera_jax.formats.quant import QuantizedMatrix
     if isinstance(obj, QuantizedMatrix):          # unpacked int32 codes: store packed
         pk = _packing()
         return {"__unpack__": encode_leaf(pk.pack(obj), prefix, tensors)}
@@ -293,7 +298,7 @@ def check_leaf_spec(spec: Any, tensors: dict[str, np.ndarray], where: str, refs:
             arrays, meta = spec["__arrays__"], spec["meta"]
             if not isinstance(arrays, dict) or not isinstance(meta, dict):
                 raise CheckpointError(f"{where}: {kind}: __arrays__ and meta must be objects")
-            unknown = sorted(set(arrays) - _QLR_ARRAYS) + sorted(set(meta) - _QLR_META)
+            unknown = sorted(set(arrays) - _qlr_arrays()) + sorted(set(meta) - _QLR_META)
             if unknown:
                 raise CheckpointError(f"{where}: {kind}: unknown entries {[_show(u, 40) for u in unknown[:4]]}")
             for k, t in arrays.items():
@@ -302,8 +307,11 @@ def check_leaf_spec(spec: Any, tensors: dict[str, np.ndarray], where: str, refs:
             fields = spec.get("fields")
             if keys != {tag, "fields"} or not isinstance(fields, dict):
                 raise CheckpointError(f"{where}: a {kind} is stored as its fields, got {_show(spec, 80)}")
-            want = {f.name for f in dataclasses.fields(leaf_classes()[kind])}
-            if set(fields) != want:
+            cls_fields = dataclasses.fields(leaf_classes()[kind])
+            want = {f.name for f in cls_fields}
+            required = {f.name for f in cls_fields
+                        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+            if not required <= set(fields) <= want:
                 raise CheckpointError(f"{where}: {kind} fields {sorted(fields)[:8]} are not {sorted(want)}")
             for k, v in fields.items():
                 check_leaf_spec(v, tensors, f"{where}.{k}", refs)
@@ -316,14 +324,13 @@ def _int(x: Any) -> bool:
 
 
 def _check_format(f: Any, where: str) -> None:
-    """A PackedFormat's fields are a format packing.py defines."""
+    """A PackedFormat's fields are a format the format registry defines (packing.valid_format)."""
     pk = _packing()
-    ok = (isinstance(f, pk.PackedFormat) and isinstance(f.kind, str) and f.kind in pk.KINDS
+    ok = (isinstance(f, pk.PackedFormat) and isinstance(f.kind, str) and f.kind in pk.format_kinds()
           and _int(f.bits) and _int(f.group_size) and isinstance(f.symmetric, (bool, np.bool_))
           and isinstance(f.shape, tuple) and len(f.shape) == 2 and all(_int(d) and d > 0 for d in f.shape))
     if ok:
-        ok = {"uniform": f.bits in (2, 3, 4, 8) and f.group_size >= 1,
-              "e8p": f.bits in (2, 3, 4), "dense": f.bits in (16, 32)}[f.kind]
+        ok = pk.valid_format(f)
     if not ok:
         raise CheckpointError(f"{where}: not a valid packed format: {_show(f)}")
 
@@ -339,18 +346,7 @@ def _check_packed(pm: Any, where: str) -> tuple[int, ...]:
         raise CheckpointError(f"{where}.codes: not a 2-D or 3-D (stacked) array: {_show(pm.codes, 80)}")
     lead = tuple(pm.codes.shape[:-2])
     m, n = f.shape
-    g8 = -(-n // 8)
-    if f.kind == "uniform":
-        want = {"codes": ({"uint32"}, (m, pk.n_words(n, f.bits))), "codes2": None,
-                "scales": ({"float16"}, (m, -(-n // f.group_size))),
-                "zeros": None if f.symmetric else ({"float16"}, (m, -(-n // f.group_size)))}
-    elif f.kind == "e8p":
-        want = {"codes": ({"uint16"}, (m, g8)),
-                "codes2": {2: None, 3: ({"uint8"}, (m, g8)), 4: ({"uint16"}, (m, g8))}[f.bits],
-                "scales": ({"float16"}, (m, 1)), "zeros": None}
-    else:
-        want = {"codes": ({"bfloat16", "float16"} if f.bits == 16 else {"float32"}, (m, n)),
-                "codes2": None, "scales": None, "zeros": None}
+    want = pk.array_specs(f)                      # every slot: None or (dtypes, per-matrix shape)
     for name, w in want.items():
         a = getattr(pm, name)
         if w is None:

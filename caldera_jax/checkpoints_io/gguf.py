@@ -11,14 +11,17 @@ Conventions undone here:
   arrays in row-major order, so a linear weight comes out as HF's [out, in] (checked against the
   metadata-derived shapes of `caldera_jax.params.param_shapes`).
 - llama.cpp's converter permutes the rows of llama's q/k projections (interleaved rotary pairs);
-  `_unpermute_qk` restores HF's half-split layout (transformers' LlamaTensorProcessor does the same).
-  qwen2/qwen3 are stored unpermuted.
+  the family's `gguf_tensor_to_hf` (caldera_jax.families.llama.unpermute_qk) restores HF's half-split
+  layout (transformers' LlamaTensorProcessor does the same). qwen2/qwen3 are stored unpermuted.
+- Which architectures, tensor names and extra config.json entries: the family modules
+  (caldera_jax.families: `gguf_arch`, `gguf_global_names`, `gguf_layer_names`, `gguf_hf_config`).
 
 Note: a GGUF model is normally already quantized (4-6 bits); its dequantized weights are the
 "original" for everything downstream, and results at >= 4 bits must say so.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -28,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from caldera_jax import families
 from caldera_jax.config import ConfigError, ModelConfig
+from caldera_jax.families.llama import permute_qk as _permute_qk, unpermute_qk as _unpermute_qk  # noqa: F401
 from caldera_jax.params import param_shapes, unflatten
 from caldera_jax.checkpoints_io.errors import CheckpointError
 
@@ -36,53 +41,45 @@ __all__ = ["load_gguf", "gguf_to_hf", "read_gguf_metadata", "gguf_hf_config", "g
            "SUPPORTED_ARCHITECTURES"]
 
 # GGUF architecture -> HF model_type
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = families.gguf_architectures()
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_HF_TO_GGUF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
-_HF_TO_GGUF_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def gguf_name_to_hf(name: str) -> str | None:
-    """llama.cpp tensor name -> HF canonical name (None when the name is not one we know)."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
+@functools.lru_cache(maxsize=None)
+def _name_tables(model_type: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(global, layer) llama.cpp -> HF name tables of one family, or of every GGUF family (None)."""
+    fams = ([families.get(model_type)] if model_type is not None
+            else [families.get(mt) for mt in SUPPORTED_ARCHITECTURES.values()])
+    glob: dict[str, str] = {}
+    layer: dict[str, str] = {}
+    for f in fams:
+        glob.update(f.gguf_global_names)
+        layer.update(f.gguf_layer_names)
+    return glob, layer
+
+
+def gguf_name_to_hf(name: str, model_type: str | None = None) -> str | None:
+    """llama.cpp tensor name -> HF canonical name (None when the name is not one we know), for
+    `model_type`'s family (default: any GGUF family)."""
+    glob, layer = _name_tables(model_type)
+    if name in glob:
+        return glob[name]
     m = _BLK.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in layer:
+        return f"model.layers.{m.group(1)}.{layer[m.group(2)]}"
     return None
 
 
-def hf_name_to_gguf(name: str) -> str:
-    if name in _HF_TO_GGUF_GLOBAL:
-        return _HF_TO_GGUF_GLOBAL[name]
+def hf_name_to_gguf(name: str, model_type: str | None = None) -> str:
+    glob, layer = _name_tables(model_type)
+    glob, layer = {v: k for k, v in glob.items()}, {v: k for k, v in layer.items()}
+    if name in glob:
+        return glob[name]
     m = _HF_LAYER.match(name)
-    if m and m.group(2) in _HF_TO_GGUF_LAYER:
-        return f"blk.{m.group(1)}.{_HF_TO_GGUF_LAYER[m.group(2)]}"
+    if m and m.group(2) in layer:
+        return f"blk.{m.group(1)}.{layer[m.group(2)]}"
     return "?"
 
 
@@ -160,9 +157,10 @@ def gguf_hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...
                    source: str = "model.gguf") -> dict[str, Any]:
     """HF config.json dict from GGUF metadata and the (numpy-order) shapes of the file's tensors."""
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"{source}: unsupported GGUF architecture '{arch}' "
-                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    try:
+        fam = families.by_gguf_arch(arch)
+    except families.UnknownFamilyError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
     def need(key: str) -> Any:
         full = f"{arch}.{key}"
@@ -204,8 +202,8 @@ def gguf_hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...
             rope["original_max_position_embeddings"] = int(orig)
 
     d: dict[str, Any] = {
-        "architectures": [_HF_ARCHITECTURES[arch]],
-        "model_type": SUPPORTED_ARCHITECTURES[arch],
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
@@ -222,14 +220,8 @@ def gguf_hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...
         "initializer_range": 0.02,
         "use_cache": True,
     }
-    if arch == "llama":
-        d["attention_bias"] = "blk.0.attn_q.bias" in tensor_shapes
-        d["mlp_bias"] = False
-    elif arch == "qwen2":
-        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=d["num_hidden_layers"])
-    elif arch == "qwen3":
-        d.update(attention_bias="blk.0.attn_q.bias" in tensor_shapes, use_sliding_window=False,
-                 sliding_window=None, max_window_layers=d["num_hidden_layers"])
+    if fam.gguf_hf_config is not None:
+        d.update(fam.gguf_hf_config(d, tensor_shapes))
     for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                          ("pad_token_id", "padding_token_id")):
         v = meta.get(f"tokenizer.ggml.{theirs}")
@@ -238,17 +230,6 @@ def gguf_hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...
         raise CheckpointError(f"{source}: tokenizer has {len(tokens)} tokens but token_embd.weight "
                               f"has only {vocab} rows")
     return d
-
-
-def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp convert_hf_to_gguf.py's `permute` (rows of q/k weight or bias)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's permutation (HF half-split rotary layout -> interleaved); used by tests/writers."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _resolve_dtype(dtype: Any) -> np.dtype:
@@ -291,16 +272,18 @@ def load_gguf(path: str | os.PathLike, dtype: Any = np.float32, *, progress: boo
     expected = param_shapes(cfg)
     out_dtype = _resolve_dtype(dtype)
 
+    fam = families.get(cfg.model_type)
     names: dict[str, str] = {}  # hf -> gguf
     for gname in tensors:
-        hname = gguf_name_to_hf(gname)
+        hname = gguf_name_to_hf(gname, cfg.model_type)
         if hname is None or hname not in expected:
             raise CheckpointError(f"{path}: unexpected tensor '{gname}' for a {cfg.model_type} model "
                                   f"with {cfg.num_hidden_layers} layers")
         names[hname] = gname
     for hname in expected:
         if hname not in names:
-            raise CheckpointError(f"{path}: tensor '{hf_name_to_gguf(hname)}' ({hname}) is missing")
+            raise CheckpointError(f"{path}: tensor '{hf_name_to_gguf(hname, cfg.model_type)}' ({hname}) "
+                                  f"is missing")
 
     it = list(expected)
     if progress:
@@ -318,11 +301,8 @@ def load_gguf(path: str | os.PathLike, dtype: Any = np.float32, *, progress: boo
         if tuple(w.shape) != tuple(expected[hname]):
             raise CheckpointError(f"{path}: tensor '{t.name}' ({hname}) has shape {tuple(w.shape)}, "
                                   f"expected {tuple(expected[hname])} from the metadata")
-        if cfg.model_type == "llama":
-            if ".self_attn.q_proj." in hname:
-                w = _unpermute_qk(w, cfg.num_attention_heads)
-            elif ".self_attn.k_proj." in hname:
-                w = _unpermute_qk(w, cfg.num_key_value_heads)
+        if fam.gguf_tensor_to_hf is not None:
+            w = fam.gguf_tensor_to_hf(hname, w, cfg.num_attention_heads, cfg.num_key_value_heads)
         flat[hname] = np.ascontiguousarray(w.astype(out_dtype, copy=False))
     return cfg, unflatten(flat)
 

@@ -7,7 +7,8 @@ reading only the tensors it needs. `load_hf(dir)` reads everything as jax arrays
 Writing: `save_hf(out_dir, cfg, params)` writes what transformers 5 `from_pretrained` loads with no
 missing or unexpected keys, atomically (a temporary sibling directory renamed into place).
 
-On-disk names (the mapping lives only in `_EXPERT_LAYOUTS`, `_FUSED` and `_SAVE_LAYOUT`):
+On-disk names (the per-expert layouts live in the family modules, caldera_jax.families; the fused
+transformers-5 layout in `_FUSED`):
   dense tensors : identical to the canonical names.
   MoE router    : model.layers.{i}.mlp.gate.weight [E, H]
                   or model.layers.{i}.block_sparse_moe.gate.weight (mixtral)
@@ -15,6 +16,7 @@ On-disk names (the mapping lives only in `_EXPERT_LAYOUTS`, `_FUSED` and `_SAVE_
                   ([E, I, H], [E, I, H], [E, H, I]) is found on disk as
     (a) per expert  model.layers.{i}.mlp.experts.{j}.{gate_proj,up_proj,down_proj}.weight  (qwen3_moe)
     (b) per expert  model.layers.{i}.block_sparse_moe.experts.{j}.{w1,w3,w2}.weight        (mixtral)
+                    (each family's own layout is tried first; save_hf writes it)
     (c) fused       model.layers.{i}.mlp.experts.gate_up_proj [E, 2I, H] (rows :I gate, I: up)
                     model.layers.{i}.mlp.experts.down_proj    [E, H, I]  (transformers 5 in memory)
     (d) stacked     the canonical name itself.
@@ -36,7 +38,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from caldera_jax.config import ARCHITECTURES, ModelConfig
+from caldera_jax import families
+from caldera_jax.config import ModelConfig
 from caldera_jax.params import Params, flatten, layer_prefix, layer_shapes, param_shapes, unflatten
 from caldera_jax.checkpoints_io.atomic import fsync_path
 from caldera_jax.checkpoints_io.errors import CheckpointError
@@ -47,25 +50,13 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 # ------------------------------------------------------------------ the name table
-# Per-expert layouts, relative to "model.layers.{i}.": (router key, projection -> per-expert key).
-_EXPERT_LAYOUTS: dict[str, tuple[str, dict[str, str]]] = {
-    "mlp": ("mlp.gate.weight", {"gate_proj": "mlp.experts.{j}.gate_proj.weight",
-                                "up_proj": "mlp.experts.{j}.up_proj.weight",
-                                "down_proj": "mlp.experts.{j}.down_proj.weight"}),
-    "block_sparse_moe": ("block_sparse_moe.gate.weight",
-                         {"gate_proj": "block_sparse_moe.experts.{j}.w1.weight",
-                          "up_proj": "block_sparse_moe.experts.{j}.w3.weight",
-                          "down_proj": "block_sparse_moe.experts.{j}.w2.weight"}),
-}
+# Per-expert layouts: each MoE family's `moe.layout` (caldera_jax.families).
 # Fused transformers-5 layout: projection -> (key, half of axis 1 to take: 0 gate, 1 up, None all).
 _FUSED: dict[str, tuple[str, int | None]] = {
     "gate_proj": ("mlp.experts.gate_up_proj", 0),
     "up_proj": ("mlp.experts.gate_up_proj", 1),
     "down_proj": ("mlp.experts.down_proj", None),
 }
-# What save_hf writes (= what transformers 5 save_pretrained writes) per MoE model_type.
-_SAVE_LAYOUT = {"qwen3_moe": "mlp", "mixtral": "block_sparse_moe"}
-
 _MOE_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.(?:gate\.weight|experts\.(gate_proj|up_proj|down_proj)\.weight)$")
 
 # Tokenizer files copied by save_hf (glob patterns on file names).
@@ -105,19 +96,27 @@ class _Recipe:
         return tuple(shape)
 
 
-def _candidates(name: str, num_experts: int) -> list[_Recipe]:
+def _layouts(cfg: ModelConfig) -> list[families.ExpertLayout]:
+    """Every known per-expert layout, the model's own family's first."""
+    spec = families.get(cfg.model_type).moe
+    own = [spec.layout] if spec is not None else []
+    return own + [lay for lay in families.expert_layouts() if lay not in own]
+
+
+def _candidates(name: str, cfg: ModelConfig) -> list[_Recipe]:
     """Every way canonical `name` may be stored, in order of preference."""
     out = [_Recipe((name,))]
     m = _MOE_NAME.match(name)
     if not m:
         return out
     pre, proj = layer_prefix(int(m[1])), m[2]
-    for router, experts in _EXPERT_LAYOUTS.values():
+    for lay in _layouts(cfg):
         if proj is None:
-            if pre + router != name:
-                out.append(_Recipe((pre + router,)))
+            if pre + lay.router != name:
+                out.append(_Recipe((pre + lay.router,)))
         else:
-            out.append(_Recipe(tuple(pre + experts[proj].format(j=j) for j in range(num_experts)), stack=True))
+            out.append(_Recipe(tuple(pre + lay.expert_key(proj, j) for j in range(cfg.num_experts)),
+                               stack=True))
     if proj is not None:
         key, half = _FUSED[proj]
         out.append(_Recipe((pre + key,), half=half))
@@ -129,11 +128,11 @@ def _disk_names(name: str, cfg: ModelConfig) -> list[tuple[str, int | None]]:
     m = _MOE_NAME.match(name)
     if not m:
         return [(name, None)]
-    router, experts = _EXPERT_LAYOUTS[_SAVE_LAYOUT[cfg.model_type]]
+    lay = families.get(cfg.model_type).moe.layout   # what transformers 5 save_pretrained writes
     pre, proj = layer_prefix(int(m[1])), m[2]
     if proj is None:
-        return [(pre + router, None)]
-    return [(pre + experts[proj].format(j=j), j) for j in range(cfg.num_experts)]
+        return [(pre + lay.router, None)]
+    return [(pre + lay.expert_key(proj, j), j) for j in range(cfg.num_experts)]
 
 
 # ------------------------------------------------------------------ reading
@@ -216,7 +215,7 @@ class HFCheckpoint:
         return sorted(self._where)
 
     def _recipe(self, name: str) -> _Recipe | None:
-        return next((r for r in _candidates(name, self.cfg.num_experts)
+        return next((r for r in _candidates(name, self.cfg)
                      if any(k in self._where for k in r.keys)), None)
 
     def names(self) -> list[str]:
@@ -227,7 +226,7 @@ class HFCheckpoint:
         """One canonical tensor as numpy (file dtype, or cast to `dtype`); checked against param_shapes."""
         rec = self._recipe(name)
         if rec is None:
-            tried = [r.keys[0] for r in _candidates(name, self.cfg.num_experts)][1:]
+            tried = [r.keys[0] for r in _candidates(name, self.cfg)][1:]
             hint = f" (nor {', '.join(repr(k) for k in tried)})" if tried else ""
             raise CheckpointError(f"{self.source}: missing tensor '{name}'{hint}")
         want = self._shapes.get(name)
@@ -400,7 +399,7 @@ def _hf_config(cfg: ModelConfig, saved_dtype: str) -> dict[str, Any]:
     d.pop("torch_dtype", None)
     d["dtype"] = saved_dtype
     d["tie_word_embeddings"] = cfg.tie_word_embeddings
-    d.setdefault("architectures", [ARCHITECTURES[cfg.model_type]])
+    d.setdefault("architectures", [families.get(cfg.model_type).architecture])
     return d
 
 

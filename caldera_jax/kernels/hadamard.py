@@ -1,12 +1,12 @@
 """Fast Walsh–Hadamard transform for the incoherence rotation of a QLR linear's input and output.
 
 The math (the Hadamard matrices, the factorisation n = K·2^k, T(s) = H_n·diag(s)/sqrt(n)) is
-caldera_jax/caldera/incoherence.py's; this module only applies it, fused with what surrounds it:
+caldera_jax/formats/incoherence.py's; this module only applies it, fused with what surrounds it:
 
     fwht(x, pre_bits, post_bits, transpose, scale)
         = ((x * s_pre) @ H_nᵀ) / sqrt(n) * s_post * scale          (transpose=False)
         = ((x * s_pre) @ H_n ) / sqrt(n) * s_post * scale          (transpose=True)
-    with s_pre / s_post read straight from the packed sign bits (packing.pack_signs: bit k of byte
+    with s_pre / s_post read straight from the packed sign bits (bitpack.pack_signs: bit k of byte
     j set <=> coordinate 8j+k is -1), so one pass does unpack-signs + flip + transform + normalise
     + scale. The two uses:
 
@@ -36,8 +36,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from caldera_jax.caldera import incoherence
-from caldera_jax.caldera.quant import packing
+from caldera_jax.formats import incoherence
+from caldera_jax.formats.bitpack import unpack_signs
+from caldera_jax.kernels.lowering import compiler_params, resolve_interpret
 from caldera_jax.kernels.tiling import pow2_at_least
 
 MAX_B = 64           # inner (Sylvester) factor size of the two-factor split
@@ -60,7 +61,7 @@ def split(n: int) -> tuple[int, int, np.ndarray, np.ndarray]:
 
 
 def _signs_from_bits(bits: jax.Array | None, n: int) -> jax.Array | None:
-    return None if bits is None else packing.unpack_signs(bits, n)
+    return None if bits is None else unpack_signs(bits, n)
 
 
 # ----------------------------------------------------------------------------- xla
@@ -201,7 +202,6 @@ def _fwht_pallas(x, pre_bits, post_bits, transpose, scale, out_dtype, interpret)
     ap, bp = pow2_at_least(a, 16), pow2_at_least(b, 16)
     HAp = np.zeros((ap, ap), np.float32); HAp[:a, :a] = HA
     HBp = np.zeros((bp, bp), np.float32); HBp[:b, :b] = HB
-    from caldera_jax.kernels.qlr_pallas import compiler_params, resolve_interpret
     interp = resolve_interpret(interpret)
     # H is ±1 (exact in tf32): 3xTF32 on the GPU's tensor cores is fp32-accurate, where an IEEE fp32
     # dot lowers to FMAs (ptxas for sm_90: 8-9 KB of spills per program); CPU interpret: HIGHEST

@@ -12,6 +12,11 @@ vmap, so a backend only ever sees a single matrix.
   "triton" kernels/qlr_triton.py: the same kernel in Triton through jax-triton (GPU only).
   "auto"   kernels/select.py: measured table per (device, format, shape, rows); CPU -> "xla".
 
+The backend is an argument (static under jit), never an environment variable: qlr_linear(x, w,
+backend="pallas") forces one for a call; a QLRWeight carries its own (`backend` field, "auto" by
+default; w.with_backend(name), or caldera_jax.linear.with_backend(params, name) for a whole
+parameter tree), which caldera_jax.linear.apply passes here.
+
 Gradients: qlr_linear has a custom VJP w.r.t. x (codes frozen): dx = dy·W computed by the
 backend's transposed product (register_backend(..., transpose_fn)), i.e.
     dx = scale · fwht_out(fwht_in(dy, s_out) · (Q + L·R), s_in)
@@ -29,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caldera_jax.formats import incoherence, packing
+from caldera_jax.kernels import qlr_pallas, select
+
 BACKENDS: dict[str, Callable] = {}
 TRANSPOSES: dict[str, Callable] = {}
 
@@ -42,15 +50,13 @@ def register_backend(name: str, fn: Callable, transpose_fn: Callable | None = No
 
 
 def choose_backend(x: jax.Array, w) -> str:
-    """The backend "auto" resolves to (kernels/select.py)."""
-    from caldera_jax.kernels.select import choose
-    return choose(x, w)
+    """The backend "auto" resolves to (kernels/select.py: the measured table)."""
+    return select.choose(x, w)
 
 
 def _xla_product(v: jax.Array, q, a, b, s_in, s_out, scale) -> jax.Array:
     """v [..., k] -> scale · fwht_out(fwht_in(v, s_in)·(qᵀ + aᵀ·bᵀ), s_out) with q [o, k], a [r, k],
     b [o, r] dequantized f32 (a, b None: no low-rank term; signs None: no rotation), in v's dtype."""
-    from caldera_jax.caldera import incoherence
     hi = jax.lax.Precision.HIGHEST
     u = v.astype(jnp.float32)
     if s_in is not None:
@@ -67,7 +73,6 @@ def _xla_product(v: jax.Array, q, a, b, s_in, s_out, scale) -> jax.Array:
 def _xla(x: jax.Array, w) -> jax.Array:
     """x [..., n] -> x·Wᵀ [..., m]: Q dequantized (the XLA path's usual cost), L·R as two thin
     products (R first)."""
-    from caldera_jax.caldera.quant import packing
     m, n = w.shape
     if x.shape[-1] != n:
         raise ValueError(f"qlr_linear: x has {x.shape[-1]} features, weight expects {n}")
@@ -79,22 +84,14 @@ def _xla(x: jax.Array, w) -> jax.Array:
 def _xla_transpose(dy: jax.Array, w) -> jax.Array:
     """dy [..., m] -> dy·W [..., n]: the same product with Q, L, R transposed and the two rotations
     swapped (L first)."""
-    from caldera_jax.caldera.quant import packing
     so, si = w.signs()
     lr = (None, None) if w.l is None else (packing.dequantize(w.l).T, packing.dequantize(w.r).T)
     return _xla_product(dy, packing.dequantize(w.q).T, *lr, so, si, w.scale)
 
 
-def _pallas(x, w):
-    from caldera_jax.kernels import qlr_pallas
-    return qlr_pallas.qlr_forward(x, w)
-
-
-def _pallas_t(dy, w):
-    from caldera_jax.kernels import qlr_pallas
-    return qlr_pallas.qlr_transpose(dy, w)
-
-
+# qlr_triton is imported when the triton backend is first used, not here: `import triton` is heavy
+# and optional, and fixes its interpreter mode (TRITON_INTERPRET) for the whole process when it runs
+# (no import cycle is involved: qlr_triton imports nothing above the kernels).
 def _triton(x, w):
     from caldera_jax.kernels import qlr_triton
     return qlr_triton.qlr_forward(x, w)
@@ -106,7 +103,7 @@ def _triton_t(dy, w):
 
 
 register_backend("xla", _xla, _xla_transpose)
-register_backend("pallas", _pallas, _pallas_t)
+register_backend("pallas", qlr_pallas.qlr_forward, qlr_pallas.qlr_transpose)
 register_backend("triton", _triton, _triton_t)
 
 
@@ -136,7 +133,8 @@ _apply.defvjp(_apply_fwd, _apply_bwd)
 @functools.partial(jax.jit, static_argnames="backend")
 def qlr_linear(x: jax.Array, w, *, backend: str = "auto") -> jax.Array:
     """x [..., n] -> x·Wᵀ [..., m] (x in bf16/fp16/fp32; output in x's dtype).
-    Stacked w (leading E): x [E, ..., n] -> [E, ..., m]."""
+    Stacked w (leading E): x [E, ..., n] -> [E, ..., m]. backend: "auto" (the measured table) or a
+    name in BACKENDS, which is used as given (off a GPU "pallas" runs in interpret mode)."""
     if w.stacked:
         return jax.vmap(lambda xe, we: qlr_linear(xe, we, backend=backend))(x, w)
     name = choose_backend(x, w) if backend == "auto" else backend

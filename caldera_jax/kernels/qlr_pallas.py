@@ -1,7 +1,8 @@
 """Pallas kernels for y = x·Wᵀ with W = scale · T_outᵀ (Q + L·R) T_in, dequantizing in the matmul.
 
-Consumes exactly the packed layout of caldera_jax/caldera/quant/packing.py (uniform 2/3/4/8-bit
-words, E8P 16-bit indices + residual stage, dense factors) with no repacking.
+Consumes exactly the packed layout of caldera_jax/formats (every registered format: uniform
+2/3/4/8-bit words, E8P 16-bit indices + residual stage, FP4 nibbles + e4m3 block scales, dense
+factors) with no repacking; the per-format tile dequantizers are in kernels/dequant.py.
 
 Pipeline of one forward call (rows = prod(x.shape[:-1])):
 
@@ -29,9 +30,8 @@ Edges: every load is masked (plgpu.load(..., mask, other=0)) and every dequantiz
 outside [m, n], so nothing is padded on the host and no shape needs to be a multiple of a tile.
 Scales: a [BN,1] slice when the group covers the tile, a [BN,BK/g] slice broadcast when groups are
 powers of two inside the tile, a masked gather for any other group size.
-E8P: the 256x8 pattern table of e8p.abs_grid() (coordinate 0 pre-multiplied by (-1)^parity, so the
-first sign is the popcount parity of bits 7..1) and e8p.e8_1bit_grid() are gathered from a small
-table operand; sign bits and the ±1/4 shift are bit operations.
+Formats: kernels/dequant.py's TILE_DEQUANT[kernel id] dequantizes a tile (E8P's tables are extra
+operands when a matrix needs them).
 
 Where it runs: on CPU (and TPU) with interpret=True (how it is tested). On GPU the same kernels
 lower through Pallas' Triton backend: `resolve_interpret` turns interpret off on a GPU and
@@ -54,11 +54,17 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from caldera_jax.caldera.quant import e8p
-from caldera_jax.caldera.quant.packing import PackedMatrix
+from caldera_jax.formats.packing import PackedMatrix
+from caldera_jax.kernels import hadamard
+from caldera_jax.kernels.dequant import NEEDS_TABLES, MatSpec, Refs, deq_tile, e8p_tables, operands
+from caldera_jax.kernels.lowering import compiler_params, resolve_interpret
 from caldera_jax.kernels.tiling import pow2_at_least
 
 F32 = jnp.float32
+
+
+def _iota(n: int) -> jax.Array:
+    return jax.lax.iota(jnp.int32, n)
 
 
 # ----------------------------------------------------------------------------- config
@@ -81,191 +87,6 @@ class Tiles:
 
 
 DEFAULT_TILES = Tiles()
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-    """None -> interpret everywhere but on a GPU."""
-    if interpret is None:
-        return jax.default_backend() != "gpu"
-    return bool(interpret)
-
-
-def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 3):
-    """The one flag between CPU-interpret and the GPU Triton lowering."""
-    if interpret:
-        return None
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _iota(n: int) -> jax.Array:
-    return jax.lax.iota(jnp.int32, n)
-
-
-# ----------------------------------------------------------------------------- matrix specs
-
-@dataclasses.dataclass(frozen=True)
-class MatSpec:
-    """Static description of one PackedMatrix as the kernels see it."""
-    kind: str
-    bits: int
-    group: int
-    symmetric: bool
-    m: int
-    n: int
-    n_words: int          # codes.shape[-1]
-    n_groups: int         # scales.shape[-1] (0: none)
-    has_codes2: bool
-    has_scales: bool
-    has_zeros: bool
-
-    @classmethod
-    def of(cls, pm: PackedMatrix) -> "MatSpec":
-        f = pm.fmt
-        if pm.codes.ndim != 2:
-            raise ValueError("kernels see one matrix at a time (stacked weights are vmapped)")
-        return cls(f.kind, f.bits, f.group_size, f.symmetric, f.shape[0], f.shape[1],
-                   pm.codes.shape[-1], 0 if pm.scales is None else pm.scales.shape[-1],
-                   pm.codes2 is not None, pm.scales is not None, pm.zeros is not None)
-
-    @property
-    def chunk(self) -> int:
-        """Columns per independently addressable unit of the codes."""
-        if self.kind == "dense":
-            return 1
-        if self.kind == "e8p":
-            return 8
-        return 32 if self.bits == 3 else 32 // self.bits
-
-    @property
-    def n_arrays(self) -> int:
-        return 1 + self.has_codes2 + self.has_scales + self.has_zeros
-
-
-def _operands(pm: PackedMatrix) -> list[jax.Array]:
-    return [a for a in (pm.codes, pm.codes2, pm.scales, pm.zeros) if a is not None]
-
-
-@functools.lru_cache(maxsize=None)
-def e8p_tables() -> tuple[np.ndarray, np.ndarray]:
-    """(abs table [2048] with coordinate 0 times (-1)^parity, E8-1bit table [2048]) float32,
-    read from e8p.py's constructions."""
-    a = e8p.abs_grid().astype(np.float32).copy()
-    a[:, 0] *= 1.0 - 2.0 * e8p.abs_parity().astype(np.float32)
-    return a.reshape(-1), e8p.e8_1bit_grid().astype(np.float32).reshape(-1)
-
-
-# ----------------------------------------------------------------------------- tile dequantizer
-
-class _Refs:
-    """The refs of one matrix, taken in order from the kernel's ref list."""
-
-    def __init__(self, spec: MatSpec, it):
-        self.codes = next(it)
-        self.codes2 = next(it) if spec.has_codes2 else None
-        self.scales = next(it) if spec.has_scales else None
-        self.zeros = next(it) if spec.has_zeros else None
-
-
-def _bcast_rows(rows: jax.Array, ncols: int) -> jax.Array:
-    return jnp.broadcast_to(rows[:, None], (rows.shape[0], ncols))
-
-
-def _uniform_codes(s: MatSpec, ref, r0, rows, rmask, k0, BR, BK):
-    """int32 codes [BR, BK] of columns k0..k0+BK (k0 a multiple of BK, BK of 32)."""
-    b = s.bits
-    if b != 3:
-        K = 32 // b
-        BW = BK // K
-        wc = k0 // K + _iota(BW)
-        words = plgpu.load(ref.at[pl.ds(r0, BR), pl.ds(k0 // K, BW)],
-                           mask=rmask[:, None] & (wc < s.n_words)[None, :], other=0)
-        words = words.astype(jnp.uint32)
-        sh = (_iota(K) * b).astype(jnp.uint32)
-        c = (words[:, :, None] >> sh[None, None, :]) & jnp.uint32(2 ** b - 1)
-        return c.reshape(BR, BK).astype(jnp.int32)
-    C = BK // 32
-    ch = k0 // 32 + _iota(C)
-    msk = rmask[:, None] & (ch < s.n_words // 3)[None, :]
-    R2 = _bcast_rows(rows, C)
-    base = jnp.broadcast_to((3 * ch)[None, :], (BR, C))
-    w0, w1, w2 = (plgpu.load(ref.at[R2, base + j], mask=msk, other=0).astype(jnp.uint32)
-                  for j in range(3))
-    k = _iota(32)
-    wlo = jnp.where((k < 16)[None, None, :], w0[:, :, None], w1[:, :, None])     # [BR, C, 32]
-    lo = (wlo >> (2 * (k % 16)).astype(jnp.uint32)[None, None, :]) & jnp.uint32(3)
-    hi = (w2[:, :, None] >> k.astype(jnp.uint32)[None, None, :]) & jnp.uint32(1)
-    return (lo | (hi << 2)).reshape(BR, BK).astype(jnp.int32)
-
-
-def _group_tile(s: MatSpec, ref, r0, rows, rmask, k0, cols, BR, BK):
-    """f32 [BR, BK]: the per-(row, group) parameter of every element of the tile."""
-    g, G = s.group, s.n_groups
-    if g % BK == 0:                                     # the tile lies inside one group
-        v = plgpu.load(ref.at[pl.ds(r0, BR), pl.ds(k0 // g, 1)], mask=rmask[:, None], other=0)
-        return jnp.broadcast_to(v.astype(F32), (BR, BK))
-    if BK % g == 0 and g & (g - 1) == 0:               # whole power-of-two groups in the tile
-        NG = BK // g
-        gi = k0 // g + _iota(NG)
-        v = plgpu.load(ref.at[pl.ds(r0, BR), pl.ds(k0 // g, NG)],
-                       mask=rmask[:, None] & (gi < G)[None, :], other=0).astype(F32)
-        return jnp.broadcast_to(v[:, :, None], (BR, NG, g)).reshape(BR, BK)
-    gi = jnp.minimum(cols // g, G - 1)                 # any other group size: masked gather
-    return plgpu.load(ref.at[_bcast_rows(rows, BK), jnp.broadcast_to(gi[None, :], (BR, BK))],
-                      mask=jnp.broadcast_to(rmask[:, None], (BR, BK)), other=0).astype(F32)
-
-
-def _popcount7(v: jax.Array) -> jax.Array:
-    v = v - ((v >> 1) & 0x55)
-    v = (v & 0x33) + ((v >> 2) & 0x33)
-    return (v + (v >> 4)) & 0x0F
-
-
-def _e8p_decode(c: jax.Array, tab_ref) -> jax.Array:
-    """int32 E8P indices [BR, V] -> codewords [BR, V, 8] f32 (e8p.decode, via the table)."""
-    j = _iota(8)
-    idx = (c >> 8)[:, :, None] * 8 + j[None, None, :]
-    a = plgpu.load(tab_ref.at[idx])
-    bit = (c[:, :, None] >> j[None, None, :]) & 1
-    neg0 = _popcount7((c >> 1) & 127) & 1
-    neg = jnp.where((j == 0)[None, None, :], neg0[:, :, None], bit)
-    shift = jnp.where((c & 1) == 1, 0.25, -0.25).astype(F32)
-    return jnp.where(neg == 1, -a, a) + shift[:, :, None]
-
-
-def _deq_tile(s: MatSpec, R: _Refs, tabs, r0, k0, BR: int, BK: int) -> jax.Array:
-    """Dequantized W[r0:r0+BR, k0:k0+BK] as f32, zero outside the matrix."""
-    rows = r0 + _iota(BR)
-    cols = k0 + _iota(BK)
-    rmask = rows < s.m
-    valid = rmask[:, None] & (cols < s.n)[None, :]
-    if s.kind == "dense":
-        w = plgpu.load(R.codes.at[pl.ds(r0, BR), pl.ds(k0, BK)], mask=valid, other=0)
-        return w.astype(F32)
-    if s.kind == "uniform":
-        c = _uniform_codes(s, R.codes, r0, rows, rmask, k0, BR, BK).astype(F32)
-        sc = _group_tile(s, R.scales, r0, rows, rmask, k0, cols, BR, BK)
-        if s.has_zeros:
-            w = sc * c + _group_tile(s, R.zeros, r0, rows, rmask, k0, cols, BR, BK)
-        else:
-            w = sc * (c - (2 ** s.bits - 1) / 2)
-        return jnp.where(valid, w, 0.0)
-    # e8p
-    V = BK // 8
-    vc = k0 // 8 + _iota(V)
-    vm = rmask[:, None] & (vc < s.n_words)[None, :]
-    c = plgpu.load(R.codes.at[pl.ds(r0, BR), pl.ds(k0 // 8, V)], mask=vm, other=0).astype(jnp.int32)
-    tab_abs, tab_1bit = tabs
-    val = _e8p_decode(c, tab_abs)
-    if s.has_codes2:
-        c2 = plgpu.load(R.codes2.at[pl.ds(r0, BR), pl.ds(k0 // 8, V)], mask=vm,
-                        other=0).astype(jnp.int32)
-        if s.bits == 3:
-            j = _iota(8)
-            val = val + plgpu.load(tab_1bit.at[c2[:, :, None] * 8 + j[None, None, :]]) * (1.0 / e8p.RVQ3_GAIN)
-        else:
-            val = val + _e8p_decode(c2, tab_abs) * (1.0 / e8p.RVQ4_GAIN)
-    sc = plgpu.load(R.scales.at[pl.ds(r0, BR), pl.ds(0, 1)], mask=rmask[:, None], other=0).astype(F32)
-    return jnp.where(valid, val.reshape(BR, BK) * sc, 0.0)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -292,11 +113,11 @@ class _Plan:
 def _kernel(*refs, p: _Plan):
     it = iter(refs)
     x_ref = next(it)
-    W = _Refs(p.mat, it)
+    W = Refs(p.mat, it)
     tabs = (next(it), next(it)) if p.has_tabs else None
     if p.fac is not None:
         t_ref = next(it)
-        Fr = _Refs(p.fac, it)
+        Fr = Refs(p.fac, it)
     sc_ref = next(it)
     o_ref = next(it)
     s = p.mat
@@ -312,13 +133,13 @@ def _kernel(*refs, p: _Plan):
     def w_tile(kk):
         # forward: rows of W = output columns, columns = reduction; transposed: the other way
         if p.transpose:
-            return _deq_tile(s, W, tabs, kk * p.BK, o0, p.BK, p.BO)        # [BK, BO]
-        return _deq_tile(s, W, tabs, o0, kk * p.BK, p.BO, p.BK)            # [BO, BK]
+            return deq_tile(s, W, tabs, kk * p.BK, o0, p.BK, p.BO)        # [BK, BO]
+        return deq_tile(s, W, tabs, o0, kk * p.BK, p.BO, p.BK)            # [BO, BK]
 
     def f_tile():
         if p.transpose:
-            return _deq_tile(p.fac, Fr, tabs, 0, o0, p.rp, p.BO)           # [rp, BO]
-        return _deq_tile(p.fac, Fr, tabs, o0, 0, p.BO, p.rp)               # [BO, rp]
+            return deq_tile(p.fac, Fr, tabs, 0, o0, p.rp, p.BO)           # [rp, BO]
+        return deq_tile(p.fac, Fr, tabs, o0, 0, p.BO, p.rp)               # [BO, rp]
 
     scale = sc_ref[0]
     if p.gemv:
@@ -446,14 +267,14 @@ def matmul(x2: jax.Array, pm: PackedMatrix, *, transpose: bool = False,
         out_shape = jax.ShapeDtypeStruct((rows, out_len), out_dtype)
     f32_dot = x2.dtype == F32
     plan = _Plan(transpose, gemv, rows, s, fac, rank, _rank_pad(fac, transpose, rank),
-                 s.kind == "e8p" or (fac is not None and fac.kind == "e8p"), BO, BK, BM, S,
+                 s.kernel in NEEDS_TABLES or (fac is not None and fac.kernel in NEEDS_TABLES), BO, BK, BM, S,
                  f32_dot, F32 if f32_dot else x2.dtype)
-    args = [x2, *_operands(pm)]
+    args = [x2, *operands(pm)]
     if plan.has_tabs:
         ta, t1 = e8p_tables()
         args += [jnp.asarray(ta), jnp.asarray(t1)]
     if epi is not None:
-        args += [epi[0], *_operands(epi[1])]
+        args += [epi[0], *operands(epi[1])]
     args.append(jnp.reshape(jnp.asarray(1.0 if scale is None else scale, F32), (1,)))
     interp = resolve_interpret(interpret)
     out = pl.pallas_call(functools.partial(_kernel, p=plan), out_shape=out_shape, grid=grid,
@@ -468,7 +289,6 @@ def matmul(x2: jax.Array, pm: PackedMatrix, *, transpose: bool = False,
 
 def qlr_forward(x: jax.Array, w, *, tiles: Tiles = DEFAULT_TILES, interpret: bool | None = None):
     """x [..., n] -> x·Wᵀ [..., m] in x's dtype, for one (unstacked) QLRWeight."""
-    from caldera_jax.kernels import hadamard
     m, n = w.shape
     if x.shape[-1] != n:
         raise ValueError(f"qlr_linear: x has {x.shape[-1]} features, weight expects {n}")
@@ -493,7 +313,6 @@ def qlr_forward(x: jax.Array, w, *, tiles: Tiles = DEFAULT_TILES, interpret: boo
 
 def qlr_transpose(dy: jax.Array, w, *, tiles: Tiles = DEFAULT_TILES, interpret: bool | None = None):
     """dy [..., m] -> dy·W [..., n] in dy's dtype (the VJP of qlr_forward w.r.t. x)."""
-    from caldera_jax.kernels import hadamard
     m, n = w.shape
     lead = dy.shape[:-1]
     u = dy.reshape(-1, m)

@@ -1,64 +1,35 @@
-"""QLR weights with random codes of the right shapes, straight in the packed layout (packing.py).
+"""QLR weights with random codes of the right shapes, straight in the packed layout (formats/).
 
-For kernel tests and benchmarks: every bit pattern of a uniform word, every 16-bit E8P index and
-every 8-bit E8-1bit index is a valid code, so random words exercise the whole decode path
-(including the ignored columns past n in the last word). Building a 14336 x 4096 weight this way
-takes milliseconds, where quantizing one would take minutes on a CPU.
+For kernel tests and benchmarks: every bit pattern of a uniform word, every 16-bit E8P index, every
+8-bit E8-1bit index and every FP4 nibble is a valid code, so random codes exercise the whole decode
+path (including the ignored columns past n in the last word). Building a 14336 x 4096 weight this
+way takes milliseconds, where quantizing one would take minutes on a CPU. The random codes of each
+format come from its registry entry (formats.packing.random_packed).
 
-    fmt strings (used by bench/qlr_linear.py):  "e8p2", "e8p3", "e8p4", "u3g128", "u4g64a"
-    (u<bits>g<group>[a]: uniform, asymmetric with the trailing a), "bf16" (dense).
+    fmt strings (used by bench/qlr_linear.py):  "e8p2", "e8p3", "e8p4", "u3g128", "u4g64a", "fp4"
+    (u<bits>g<group>[a]: uniform, asymmetric with the trailing a), "bf16" / "f16" / "f32" (dense).
 """
 from __future__ import annotations
-
-import re
 
 import jax.numpy as jnp
 import numpy as np
 
-from caldera_jax.caldera import incoherence
-from caldera_jax.caldera.qlr_weight import QLRWeight
-from caldera_jax.caldera.quant import packing
-from caldera_jax.caldera.quant.packing import PackedFormat, PackedMatrix
+from caldera_jax.formats import incoherence, packing
+from caldera_jax.formats.packing import PackedMatrix
+from caldera_jax.formats.qlr_weight import QLRWeight
 
 
 def parse_fmt(s: str) -> tuple[str, int, int, bool]:
     """-> (kind, bits, group, symmetric)."""
-    if s in ("bf16", "f16", "f32"):
-        return "dense", {"bf16": 16, "f16": 16, "f32": 32}[s], 0, True
-    mt = re.fullmatch(r"e8p([234])", s)
-    if mt:
-        return "e8p", int(mt.group(1)), 8, True
-    mt = re.fullmatch(r"u([2348])g(\d+)(a?)", s)
-    if mt:
-        return "uniform", int(mt.group(1)), int(mt.group(2)), not mt.group(3)
-    raise ValueError(f"unknown format {s!r} (e8p2/3/4, u<bits>g<group>[a], bf16)")
+    f = packing.parse_key(s)
+    return f.kind, f.bits, f.group_size, f.symmetric
 
 
 def random_packed(rng: np.random.Generator, m: int, n: int, fmt: str, magnitude: float = 1.0) -> PackedMatrix:
     """A PackedMatrix [m, n] with random codes; values are O(magnitude)."""
-    kind, bits, g, sym = parse_fmt(fmt)
-    if kind == "dense":
-        dt = jnp.float32 if bits == 32 else (jnp.bfloat16 if fmt == "bf16" else jnp.float16)
-        return packing.pack_dense(jnp.asarray(magnitude * rng.standard_normal((m, n)), jnp.float32), dt)
-    f = PackedFormat(kind, bits, g, sym, (m, n))
-    if kind == "uniform":
-        nw = packing.n_words(n, bits)
-        codes = rng.integers(0, 2 ** 32, (m, nw), dtype=np.uint64).astype(np.uint32)
-        G = -(-n // g)
-        half = (2 ** bits - 1) / 2
-        scales = (magnitude / half * rng.uniform(0.5, 1.5, (m, G))).astype(np.float16)
-        zeros = None if sym else (-magnitude * rng.uniform(0.5, 1.5, (m, G))).astype(np.float16)
-        return PackedMatrix(jnp.asarray(codes), None, jnp.asarray(scales),
-                            None if zeros is None else jnp.asarray(zeros), f)
-    n8 = -(-n // 8)
-    codes = rng.integers(0, 2 ** 16, (m, n8)).astype(np.uint16)
-    codes2 = None
-    if bits == 3:
-        codes2 = jnp.asarray(rng.integers(0, 256, (m, n8)).astype(np.uint8))
-    elif bits == 4:
-        codes2 = jnp.asarray(rng.integers(0, 2 ** 16, (m, n8)).astype(np.uint16))
-    scales = (magnitude / 1.5 * rng.uniform(0.5, 1.5, (m, 1))).astype(np.float16)
-    return PackedMatrix(jnp.asarray(codes), codes2, jnp.asarray(scales), None, f)
+    f = packing.parse_key(fmt, (m, n))
+    dense_dtype = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}.get(fmt)
+    return packing.random_packed(rng, f, magnitude, dense_dtype=dense_dtype)
 
 
 def random_qlr(rng: np.random.Generator, m: int, n: int, q: str, rank: int = 0, factors: str = "u4g64",

@@ -9,13 +9,15 @@ One @triton.jit kernel, specialised by constexprs:
       for every row through a [rows, BO, BK] broadcast product; the epilogue (t·Fᵀ) runs in split 0.
   GEMV=0 (prefill): grid (output tiles, row tiles); tl.dot on a [BR, BK] x [BK, BO] pair per step,
       bf16/fp16 operands when the activations are 16-bit (tensor cores), IEEE fp32 otherwise.
-Dequantization is pointer arithmetic on the packed words: element (i, k) of a b-bit uniform matrix
+Dequantization is pointer arithmetic on the packed arrays (one branch per format kernel id, see
+kernels/dequant.py for the Pallas side): element (i, k) of a b-bit uniform matrix
 reads word k // (32/b) and shifts by (k % (32/b))·b (the 3-bit layout reads its low-2-bit word and
 its high-bit word of the 32-column chunk); scales at column k // g (any group size); E8P reads the
 16-bit index of vector k // 8, gathers coordinate k % 8 of the 256x8 pattern table (coordinate 0
 pre-signed by the pattern's parity) and applies sign bit (k % 8) or the popcount parity of bits
 7..1 and the ±1/4 shift; the residual stage (3 bits: E8-1bit table, 4 bits: E8P again) is added
-divided by its gain. Codes are read through signed views (uint32 -> int32, uint16 -> int16) and
+divided by its gain; FP4 reads nibble k % 2 of byte k // 2 and e4m3 byte k // 16 and decodes both
+from their bit fields, times the tensor scale. Codes are read through signed views (uint32 -> int32, uint16 -> int16) and
 masked back (& 0xFFFF), so the same kernel runs on jax arrays (unsigned) and on torch tensors.
 
 Where it runs:
@@ -39,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caldera_jax.caldera.quant import e8p
-from caldera_jax.caldera.quant.packing import PackedMatrix
-from caldera_jax.kernels.qlr_pallas import DEFAULT_TILES, MatSpec, Tiles, e8p_tables, gemv_tile
+from caldera_jax.formats import e8p
+from caldera_jax.formats.packing import ARRAY_SLOTS, PackedMatrix
+from caldera_jax.kernels.dequant import MatSpec, e8p_tables
+from caldera_jax.kernels.qlr_pallas import DEFAULT_TILES, Tiles, gemv_tile
 from caldera_jax.kernels.tiling import pow2_at_least
 
 try:
@@ -50,7 +53,6 @@ try:
 except ImportError:          # the kernel body below needs triton; the JAX side only reports why not
     triton = None
 
-KIND_ID = {"uniform": 0, "e8p": 1, "dense": 2}
 
 
 def available() -> tuple[bool, str]:
@@ -83,10 +85,11 @@ if triton is not None:
         return tl.where(neg == 1, -a, a) + sh
 
     @triton.jit
-    def _deq(codes, codes2, scales, zeros, tab_abs, tab_1b, rows, cols,
+    def _deq(codes, codes2, scales, zeros, tscale, tab_abs, tab_1b, rows, cols,
              M, N, S_C, S_C2, S_S, KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
              HAS_Z: tl.constexpr, GAIN3: tl.constexpr, GAIN4: tl.constexpr):
-        """Dequantized W[rows, cols] f32 [len(rows), len(cols)], zero outside [M, N]."""
+        """Dequantized W[rows, cols] f32 [len(rows), len(cols)], zero outside [M, N]. KIND is the
+        format's kernel id (formats registry): 0 uniform, 1 e8p, 2 dense, 3 fp4."""
         rmask = rows < M
         valid = rmask[:, None] & (cols < N)[None, :]
         rbase = rows[:, None].to(tl.int64)
@@ -114,6 +117,20 @@ if triton is not None:
                 w = s * c + z
             else:
                 w = s * (c - ((1 << BITS) - 1) / 2)
+        elif KIND == 3:
+            c = tl.load(codes + rbase * S_C + (cols // 2)[None, :], mask=valid, other=0).to(tl.int32) & 0xFF
+            c = (c >> (4 * (cols % 2))[None, :]) & 15
+            e = (c >> 1) & 3
+            mb = (c & 1).to(tl.float32)
+            mag = tl.where(e == 0, 0.5 * mb, tl.where(e == 1, 1.0, tl.where(e == 2, 2.0, 4.0)) * (1.0 + 0.5 * mb))
+            val = tl.where(c >= 8, -mag, mag)
+            b = tl.load(scales + rbase * S_S + (cols // 16)[None, :], mask=valid, other=0).to(tl.int32) & 0xFF
+            se = (b >> 3) & 15
+            sm = (b & 7).to(tl.float32)
+            pw = ((se + 120) << 23).to(tl.float32, bitcast=True)
+            sv = tl.where(se == 0, sm * 0.001953125, (1.0 + sm * 0.125) * pw)
+            sv = tl.where(((b >> 7) & 1) == 1, -sv, sv) * tl.load(tscale)
+            w = sv * val
         else:
             v = cols // 8
             j = cols % 8
@@ -130,7 +147,7 @@ if triton is not None:
         return tl.where(valid, w, 0.0)
 
     @triton.jit
-    def _epilogue(acc, t_ptr, f_codes, f_codes2, f_scales, f_zeros, tab_abs, tab_1b, xrows, xm, ocols,
+    def _epilogue(acc, t_ptr, f_codes, f_codes2, f_scales, f_zeros, f_tscale, tab_abs, tab_1b, xrows, xm, ocols,
                   RANK, F_M, F_N, F_SC, F_SC2, F_SS, F_KIND: tl.constexpr, F_BITS: tl.constexpr,
                   F_GROUP: tl.constexpr, F_Z: tl.constexpr, TRANS: tl.constexpr, GEMV: tl.constexpr,
                   RP: tl.constexpr, DOT_F32: tl.constexpr, GAIN3: tl.constexpr, GAIN4: tl.constexpr):
@@ -139,10 +156,10 @@ if triton is not None:
         tv = tl.load(t_ptr + xrows[:, None].to(tl.int64) * RANK + rc[None, :],
                      mask=xm[:, None] & (rc < RANK)[None, :], other=0)
         if TRANS:
-            f = _deq(f_codes, f_codes2, f_scales, f_zeros, tab_abs, tab_1b, rc, ocols,
+            f = _deq(f_codes, f_codes2, f_scales, f_zeros, f_tscale, tab_abs, tab_1b, rc, ocols,
                      F_M, F_N, F_SC, F_SC2, F_SS, F_KIND, F_BITS, F_GROUP, F_Z, GAIN3, GAIN4)
         else:
-            f = tl.trans(_deq(f_codes, f_codes2, f_scales, f_zeros, tab_abs, tab_1b, ocols, rc,
+            f = tl.trans(_deq(f_codes, f_codes2, f_scales, f_zeros, f_tscale, tab_abs, tab_1b, ocols, rc,
                               F_M, F_N, F_SC, F_SC2, F_SS, F_KIND, F_BITS, F_GROUP, F_Z,
                               GAIN3, GAIN4))                                              # [RP, BO]
         if GEMV:
@@ -154,8 +171,8 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def qlr_kernel(x_ptr, q_codes, q_codes2, q_scales, q_zeros, tab_abs, tab_1b,
-                   t_ptr, f_codes, f_codes2, f_scales, f_zeros, scale_ptr, out_ptr,
+    def qlr_kernel(x_ptr, q_codes, q_codes2, q_scales, q_zeros, q_tscale, tab_abs, tab_1b,
+                   t_ptr, f_codes, f_codes2, f_scales, f_zeros, f_tscale, scale_ptr, out_ptr,
                    ROWS: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
                    Q_SC: tl.constexpr, Q_SC2: tl.constexpr, Q_SS: tl.constexpr,
                    Q_KIND: tl.constexpr, Q_BITS: tl.constexpr, Q_GROUP: tl.constexpr, Q_Z: tl.constexpr,
@@ -185,10 +202,10 @@ if triton is not None:
         for it in range(0, KPS):                    # GEMV: this split's steps; GEMM: all
             kc = (lo + it) * BK + kr
             if TRANS:
-                w = _deq(q_codes, q_codes2, q_scales, q_zeros, tab_abs, tab_1b, kc, ocols, M, N,
+                w = _deq(q_codes, q_codes2, q_scales, q_zeros, q_tscale, tab_abs, tab_1b, kc, ocols, M, N,
                          Q_SC, Q_SC2, Q_SS, Q_KIND, Q_BITS, Q_GROUP, Q_Z, GAIN3, GAIN4)      # [BK, BO]
             else:
-                w = tl.trans(_deq(q_codes, q_codes2, q_scales, q_zeros, tab_abs, tab_1b, ocols, kc,
+                w = tl.trans(_deq(q_codes, q_codes2, q_scales, q_zeros, q_tscale, tab_abs, tab_1b, ocols, kc,
                                   M, N, Q_SC, Q_SC2, Q_SS, Q_KIND, Q_BITS, Q_GROUP, Q_Z, GAIN3,
                                   GAIN4))                                                     # [BK, BO]
             xv = tl.load(x_ptr + xrows[:, None].to(tl.int64) * RED + kc[None, :],
@@ -202,11 +219,11 @@ if triton is not None:
         if HAS_F:
             if GEMV:
                 if pid1 == 0:                       # split-K: the epilogue belongs to split 0
-                    acc = _epilogue(acc, t_ptr, f_codes, f_codes2, f_scales, f_zeros, tab_abs, tab_1b,
+                    acc = _epilogue(acc, t_ptr, f_codes, f_codes2, f_scales, f_zeros, f_tscale, tab_abs, tab_1b,
                                     xrows, xm, ocols, RANK, F_M, F_N, F_SC, F_SC2, F_SS, F_KIND,
                                     F_BITS, F_GROUP, F_Z, TRANS, GEMV, RP, DOT_F32, GAIN3, GAIN4)
             else:
-                acc = _epilogue(acc, t_ptr, f_codes, f_codes2, f_scales, f_zeros, tab_abs, tab_1b,
+                acc = _epilogue(acc, t_ptr, f_codes, f_codes2, f_scales, f_zeros, f_tscale, tab_abs, tab_1b,
                                 xrows, xm, ocols, RANK, F_M, F_N, F_SC, F_SC2, F_SS, F_KIND,
                                 F_BITS, F_GROUP, F_Z, TRANS, GEMV, RP, DOT_F32, GAIN3, GAIN4)
         acc = acc * scale
@@ -231,7 +248,7 @@ def _mat_consts(prefix: str, s: MatSpec, pm: PackedMatrix) -> dict:
     return {f"{prefix}_SC": pm.codes.shape[-1],
             f"{prefix}_SC2": 0 if pm.codes2 is None else pm.codes2.shape[-1],
             f"{prefix}_SS": 0 if pm.scales is None else pm.scales.shape[-1],
-            f"{prefix}_KIND": KIND_ID[s.kind], f"{prefix}_BITS": s.bits,
+            f"{prefix}_KIND": s.kernel, f"{prefix}_BITS": s.bits,
             f"{prefix}_GROUP": max(s.group, 1), f"{prefix}_Z": int(s.has_zeros)}
 
 
@@ -266,10 +283,12 @@ def plan(rows: int, pm: PackedMatrix, *, transpose: bool = False, epi=None,
     return Launch(grid, S, out_shape, c)
 
 
-def _mat_arrays(pm: PackedMatrix | None, dummy):
+def mat_arrays(pm: PackedMatrix | None, dummy):
+    """One matrix's kernel pointer arguments: every PackedMatrix slot (ARRAY_SLOTS order), `dummy`
+    for an absent one."""
     if pm is None:
-        return [dummy] * 4
-    return [a if a is not None else dummy for a in (pm.codes, pm.codes2, pm.scales, pm.zeros)]
+        return [dummy] * len(ARRAY_SLOTS)
+    return [dummy if getattr(pm, k) is None else getattr(pm, k) for k in ARRAY_SLOTS]
 
 
 # ----------------------------------------------------------------------------- JAX (GPU) path
@@ -287,7 +306,7 @@ def matmul(x2: jax.Array, pm: PackedMatrix, *, transpose: bool = False, epi=None
     dummy = jnp.zeros((1,), jnp.float32)
     ta, t1 = (jnp.asarray(t) for t in e8p_tables())
     t = dummy if epi is None else epi[0]
-    args = [x2, *_mat_arrays(pm, dummy), ta, t1, t, *_mat_arrays(None if epi is None else epi[1], dummy),
+    args = [x2, *mat_arrays(pm, dummy), ta, t1, t, *mat_arrays(None if epi is None else epi[1], dummy),
             jnp.reshape(jnp.asarray(1.0 if scale is None else scale, jnp.float32), (1,))]
     gemv = L.constexprs["GEMV"]
     out = jt.triton_call(*args, kernel=qlr_kernel,
@@ -360,9 +379,9 @@ def run_interpreted(x2: np.ndarray, pm: PackedMatrix, *, transpose: bool = False
     rows = x2.shape[0]
     L = plan(rows, pm, transpose=transpose, epi=epi, tiles=tiles, dot_f32=True)
     dummy = torch.zeros(1)
-    mats = lambda p: [dummy if a is None else T(a) for a in (p.codes, p.codes2, p.scales, p.zeros)]
+    mats = lambda p: [T(a) if a is not dummy else dummy for a in mat_arrays(p, dummy)]
     ta, t1 = e8p_tables()
-    fmats = [dummy] * 4 if epi is None else mats(epi[1])
+    fmats = mats(None) if epi is None else mats(epi[1])
     t = dummy if epi is None else T(epi[0])
     out = torch.full(L.out_shape, float("nan"), dtype=torch.float32)     # poisoned: all must be written
     qlr_kernel[L.grid](T(x2), *mats(pm), torch.from_numpy(ta), torch.from_numpy(t1), t, *fmats,

@@ -2,14 +2,17 @@
 
     choose(x, w) -> "xla" | "pallas" | "triton"
 
+This is what "auto" means; nothing here reads the environment. To force a backend, pass it:
+qlr_linear(x, w, backend=name), or set it on the weight (QLRWeight.with_backend(name), or
+caldera_jax.linear.with_backend(params, name) for every QLRWeight of a parameter tree).
+
 Rules, in order:
-  1. CALDERA_QLR_BACKEND=<name> in the environment forces a backend (must be available).
-  2. Not on a GPU -> "xla" (Pallas runs there only in interpret mode: correct, far too slow).
-  3. On a GPU: the measured table (qlr_select.json beside this file; bench/qlr_linear.py --write-table
+  1. Not on a GPU -> "xla" (Pallas runs there only in interpret mode: correct, far too slow).
+  2. On a GPU: the measured table (qlr_select.json beside this file; bench/qlr_linear.py --write-table
      writes it) is looked up for this device kind and format key; among the entries of the nearest
      shape (log m·n) the nearest row count (log rows) wins, and its fastest *available* backend is
      used. Only backends that passed the benchmark's correctness check are ever recorded.
-  4. No measurement for this device / format -> "xla": the kernels have not been timed (or checked)
+  3. No measurement for this device / format -> "xla": the kernels have not been timed (or checked)
      on that device, and the dequantize+matmul path is correct everywhere. This is the sane default
      until a GPU run fills the table; it is a deliberate, safe one, not the fast one.
 
@@ -21,27 +24,21 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import pathlib
 
 import jax
 
+from caldera_jax.formats import packing
+
 TABLE_PATH = pathlib.Path(__file__).with_name("qlr_select.json")
-ENV = "CALDERA_QLR_BACKEND"
 
 
 def format_key(w) -> str:
-    """e.g. "e8p2+u4r64", "u3g128", "u4g64a+bf16r32" (a: asymmetric)."""
-    def one(pm):
-        f = pm.fmt
-        if f.kind == "dense":
-            return f"bf{f.bits}" if f.bits == 16 else f"f{f.bits}"
-        if f.kind == "e8p":
-            return f"e8p{f.bits}"
-        return f"u{f.bits}g{f.group_size}{'' if f.symmetric else 'a'}"
-    key = one(w.q)
+    """e.g. "e8p2+u4g64r64", "u3g128", "u4g64a+bf16r32" (a: asymmetric), "fp4": packing.format_key
+    of Q, then of the factors, and the rank."""
+    key = packing.format_key(w.q.fmt)
     if w.l is not None:
-        key += f"+{one(w.l)}r{w.rank}"
+        key += f"+{packing.format_key(w.l.fmt)}r{w.rank}"
     return key
 
 
@@ -60,7 +57,7 @@ def available(name: str) -> tuple[bool, str]:
             return False, f"pallas compiles for GPU only; on {plat} it runs in interpret mode (tests only)"
         return True, ""
     if name == "triton":
-        from caldera_jax.kernels import qlr_triton
+        from caldera_jax.kernels import qlr_triton      # heavy, optional: only when asked (see qlr.py)
         return qlr_triton.available()
     return False, f"unknown backend {name!r}"
 
@@ -91,12 +88,7 @@ def lookup(device: str, fmt: str, m: int, n: int, rows: int, entries=None) -> di
 
 
 def choose(x, w, entries=None) -> str:
-    forced = os.environ.get(ENV)
-    if forced:
-        ok, why = available(forced)
-        if not ok:
-            raise RuntimeError(f"{ENV}={forced}: {why}")
-        return forced
+    """The backend "auto" resolves to for x and w (called while tracing; reads no environment)."""
     if jax.default_backend() != "gpu":
         return "xla"
     m, n = w.shape

@@ -1,6 +1,6 @@
 """Incoherence processing: random ±1 signs and a fast (orthonormal) Walsh-Hadamard transform.
 
-Definitions (used identically by the decomposition, QLRWeight.dequantize/apply and the kernels):
+Definitions (used identically by the decomposition, QLRWeight.dequantize, the xla path and the kernels):
 
     H_n        a ±1 Hadamard matrix of order n (H Hᵀ = n I), H_n = H_K ⊗ H_{2^k}, n = K·2^k, with
                H_{2^k} Sylvester's (symmetric) and H_K one of the base matrices below (K = 1 for 2^k)

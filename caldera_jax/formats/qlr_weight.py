@@ -1,13 +1,16 @@
 """QLRWeight: a compressed linear weight W ≈ scale · T_outᵀ (Q + L·R) T_in, usable as a parameter leaf.
 
     W [m, n] = scale · T(s_out)ᵀ · (Q + L·R) · T(s_in)          (see incoherence.py for T)
-    Q [m, n]: PackedMatrix (uniform or e8p);  L [m, r], R [r, n]: PackedMatrix (uniform, or dense
+    Q [m, n]: PackedMatrix (any registered quantizer kind);  L [m, r], R [r, n]: PackedMatrix (uniform, or dense
     bf16 when b_l / b_r = 16) or None when rank 0;  scale: float32 scalar (the RMS the decomposition
     divided W by);  s_in [n], s_out [m]: ±1 signs stored packed (uint8 bits, packing.pack_signs), or
     None when that side has no incoherence rotation.
 
-    y = apply(x) = x · Wᵀ = transform_out(transform_in(x) · Qᵀ + (transform_in(x) · Rᵀ) · Lᵀ) · scale
-    (the low-rank term as two thin matmuls; L·R is never formed), computed by caldera_jax.kernels.qlr.qlr_linear.
+    y = x · Wᵀ = transform_out(transform_in(x) · Qᵀ + (transform_in(x) · Rᵀ) · Lᵀ) · scale
+    (the low-rank term as two thin matmuls; L·R is never formed) is computed by
+    caldera_jax.kernels.qlr.qlr_linear; caldera_jax.linear.apply (the one place a weight is applied)
+    dispatches a QLRWeight there with its `backend` ("auto": the measured table; or a forced name).
+    This module is data only: it does not import the kernels.
 
 A stack of matrices (MoE experts) is a QLRWeight whose arrays all carry a leading axis E (scale
 [E], signs [E, bytes]); `shape` stays (m, n); apply(x [E, ..., n]) -> [E, ..., m], as linear.apply's
@@ -22,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caldera_jax.caldera import incoherence
-from caldera_jax.caldera.quant import packing
-from caldera_jax.caldera.quant.base import QuantizedMatrix
-from caldera_jax.caldera.quant.packing import PackedFormat, PackedMatrix
+from caldera_jax.formats import incoherence, packing
+from caldera_jax.formats.packing import PackedFormat, PackedMatrix
+from caldera_jax.formats.quant import QuantizedMatrix
 
 
 def _as_packed(f: Any, dense_dtype) -> PackedMatrix | None:
@@ -57,7 +59,7 @@ class QLRWeight:
     signs_in: jax.Array | None            # uint8 [ceil(n/8)] (or [E, .]), bit set <=> -1
     signs_out: jax.Array | None           # uint8 [ceil(m/8)]
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
-    backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
+    backend: str = dataclasses.field(default="auto", metadata=dict(static=True))   # qlr_linear's backend
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -116,14 +118,9 @@ class QLRWeight:
         """The effective W [(E,) m, n] float32."""
         return _dequantize(self)
 
-    def apply(self, x: jax.Array) -> jax.Array:
-        """x [..., n] -> x·Wᵀ [..., m] in x's dtype (stacked: x [E, ..., n] -> [E, ..., m])."""
-        from caldera_jax.kernels.qlr import qlr_linear
-        return qlr_linear(x, self, backend=self.backend)
-
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        """Bytes of every stored array (codes, scales, zeros, factors, signs, scale)."""
+        """Bytes of every stored array (codes, scales, zeros, tensor scales, factors, signs, scale)."""
         total = packing.nbytes(self.q)
         for f in (self.l, self.r):
             if f is not None:
