@@ -96,6 +96,37 @@ def _blockdiag_mask(n: int, b: int, dtype=jnp.float32) -> jax.Array:
     return (i[:, None] == i[None, :]).astype(dtype)
 
 
+# The g x g block inverses are unrolled elementwise jnp (g = 8), not batched LAPACK: on XLA:CPU a
+# batched triangular solve / LU runs its batch through a ParallelBatchMap on the intra-op pool,
+# and two decompositions dispatched concurrently (one per fake device, 2 cores) each held one
+# pool thread waiting for sub-tasks queued behind the other: a deadlock (seen with gdb on
+# Qwen2.5-Coder-1.5B, n = 8960, in lapack_strsm_ffi).
+def _upper_inverse(u: jax.Array) -> jax.Array:
+    """Inverse of upper-triangular u [..., g, g] by back substitution (rows from the bottom)."""
+    g = u.shape[-1]
+    eye = jnp.eye(g, dtype=u.dtype)
+    rows: list = [None] * g
+    for i in reversed(range(g)):
+        r = jnp.broadcast_to(eye[i], u.shape[:-2] + (g,))
+        if i < g - 1:
+            r = r - jnp.einsum("...k,...kj->...j", u[..., i, i + 1:], jnp.stack(rows[i + 1:], axis=-2))
+        rows[i] = r / u[..., i, i][..., None]
+    return jnp.stack(rows, axis=-2)
+
+
+def _spd_inverse(a: jax.Array) -> jax.Array:
+    """Inverse of symmetric positive-definite a [..., g, g]: Gauss-Jordan without pivoting (the
+    pivots of an SPD matrix are positive)."""
+    g = a.shape[-1]
+    m = jnp.concatenate([a, jnp.broadcast_to(jnp.eye(g, dtype=a.dtype), a.shape)], axis=-1)
+    for i in range(g):
+        pivot_row = m[..., i, :] / m[..., i, i][..., None]                    # [..., 2g]
+        col = m[..., :, i]                                                     # [..., g]
+        m = m - col[..., :, None] * pivot_row[..., None, :]
+        m = m.at[..., i, :].set(pivot_row)
+    return m[..., g:]
+
+
 def ldl_factors(h: jax.Array, block: int, super_block: int | None = None,
                 robust: bool = False, chol: tuple[jax.Array, jax.Array] | None = None) -> LDLFactors:
     """Block LDL pieces of a (regularised, float32) H [n, n] for LDLQ with block width `block`.
@@ -113,11 +144,9 @@ def ldl_factors(h: jax.Array, block: int, super_block: int | None = None,
         u = c / jnp.diag(c)[None, :]
         hkk_inv = (1.0 / jnp.diag(h))[:, None, None]
     else:
-        ckk = _diag_blocks(c, g)                                       # [nb, g, g] upper
-        eye_g = jnp.broadcast_to(jnp.eye(g, dtype=h.dtype), ckk.shape)
-        ckk_inv = jax.scipy.linalg.solve_triangular(ckk, eye_g, lower=False)
+        ckk_inv = _upper_inverse(_diag_blocks(c, g))                  # [nb, g, g]
         u = jnp.einsum("ikb,kbc->ikc", c.reshape(n, nb, g), ckk_inv).reshape(n, n)
-        hkk_inv = jnp.linalg.inv(_diag_blocks(h, g))
+        hkk_inv = _spd_inverse(_diag_blocks(h, g))
     u_off = u * (1.0 - _blockdiag_mask(n, g, h.dtype))                 # drop the identity blocks
     u_in = _diag_blocks(u_off, sb)
     u_cross = u_off * (1.0 - _blockdiag_mask(n, sb, h.dtype))
