@@ -46,6 +46,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+from caldera_jax.checkpoints_io.atomic import replace_dir
+
 CACHE_ENV = "CALDERA_JAX_CACHE"
 FORMAT_VERSION = 1
 _CHUNK = 8 * 1024 * 1024
@@ -210,23 +212,6 @@ def _dir_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except BaseException:
-            os.rename(old, final)
-            raise
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-
-
 # ------------------------------------------------------------------------------------------ fetch
 def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
     """Downloads and converts one asset into the cache (a no-op when cached, unless force)."""
@@ -273,7 +258,7 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
         with open(ctx.out / "asset.json", "w") as f:
             json.dump(info, f, indent=1, ensure_ascii=False)
             f.write("\n")
-        _replace_dir(ctx.out, final)
+        replace_dir(ctx.out, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{a.name}: ready at {final} ({_dir_bytes(final) / 1e6:.1f} MB)")

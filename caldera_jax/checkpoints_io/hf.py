@@ -41,7 +41,7 @@ from safetensors.numpy import save_file
 from caldera_jax import families
 from caldera_jax.config import ModelConfig
 from caldera_jax.params import Params, flatten, layer_prefix, layer_shapes, param_shapes, unflatten
-from caldera_jax.checkpoints_io.atomic import fsync_path
+from caldera_jax.checkpoints_io.atomic import fsync_path, replace_dir
 from caldera_jax.checkpoints_io.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -409,24 +409,6 @@ def _generation_config(cfg: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def _replace_dir(tmp: str, out_dir: str) -> None:
-    """Renames tmp to out_dir; an existing out_dir is moved away first and deleted afterwards."""
-    if not os.path.lexists(out_dir):
-        os.rename(tmp, out_dir)
-    else:
-        old = f"{out_dir}.old-{os.getpid()}"
-        if os.path.lexists(old):
-            shutil.rmtree(old)
-        os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            os.rename(old, out_dir)
-            raise
-        shutil.rmtree(old)
-    fsync_path(os.path.dirname(out_dir))
-
-
 def save_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, *,
             tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = 2 * 1024**3,
             dtype: Any = None, generation_config: dict[str, Any] | None = None) -> str:
@@ -461,5 +443,5 @@ def save_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
