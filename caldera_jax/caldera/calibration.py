@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from caldera_jax import linear as linear_lib
 from caldera_jax.config import ModelConfig
+from caldera_jax.families.base import ATTENTION_INPUT_GROUPS, DENSE_MLP_INPUT_GROUPS, EXPERT_INPUT_GROUPS
 from caldera_jax.models.decoder import decoder_layer, default_positions
 from caldera_jax.models.hooks import Ctx, Hooks
 from caldera_jax.models.layers import rope_cos_sin
@@ -61,13 +62,8 @@ class CalibrationError(ValueError):
 
 
 # ------------------------------------------------------------------ which Hessian each matrix uses
-_GROUPS = {  # linear (relative to the layer) -> Hessian group
-    "self_attn.q_proj": "self_attn.qkv", "self_attn.k_proj": "self_attn.qkv",
-    "self_attn.v_proj": "self_attn.qkv", "self_attn.o_proj": "self_attn.o_proj",
-    "mlp.gate_proj": "mlp.gate_up", "mlp.up_proj": "mlp.gate_up", "mlp.down_proj": "mlp.down_proj",
-    "mlp.experts.gate_proj": "mlp.experts.gate_up", "mlp.experts.up_proj": "mlp.experts.gate_up",
-    "mlp.experts.down_proj": "mlp.experts.down_proj",
-}
+# linear (relative to the layer) -> Hessian group: the families' input groups (one table for all)
+_GROUPS = dict(ATTENTION_INPUT_GROUPS + DENSE_MLP_INPUT_GROUPS + EXPERT_INPUT_GROUPS)
 _LAYER_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(.+?)(?:\.weight)?$")
 
 
