@@ -195,10 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
     from bench.common import write_report
-    from caldera_jax.eval.perplexity import model_perplexity
     from caldera_jax.checkpoints_io.fingerprint import open_source
-    from caldera_jax.checkpoints_io.model_source import load_tokenizer
-    from caldera_jax.pipeline.compress import source_params
+    from caldera_jax.checkpoints_io.model_source import load_tokenizer, open_layers
+    from caldera_jax.eval.perplexity import streamed_perplexity
     from caldera_jax.eval.perplexity import tokenize_text
 
     settings = grid() + (ablations() if args.ablations else [])
@@ -220,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     ppl_ids = tokenize_text(tok, str(assets.fetch("shakespeare") / "valid.txt"))
     ppl_kw = dict(seq_len=512, max_tokens=args.ppl_tokens, batch_size=4)
     if "baseline" not in done:
-        b = model_perplexity(source_params(source), source.cfg, ppl_ids, **ppl_kw)
+        m = open_layers(source)
+        b = streamed_perplexity(m.read_layer, m.read_globals, m.cfg, ppl_ids, **ppl_kw)
         done["baseline"] = {"setting": "baseline", "ppl": b["ppl"], "ppl_tokens": b["tokens"], "linear_bits": 32.0}
         with open(results_path, "a") as f:
             f.write(json.dumps(done["baseline"]) + "\n")

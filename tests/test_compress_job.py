@@ -318,4 +318,14 @@ def test_gguf_source_text_calibration_and_perplexity(setup, tmp_path):
     assert p["after"]["ppl"] != p["before"]["ppl"] and p["after"]["ppl"] < 1.5 * p["before"]["ppl"]
     assert rep["summary"]["protected"] == 2 * 6
     assert any(f.startswith("tokenizer") for f in os.listdir(tmp_path / "out"))
-    ck.load_compressed(tmp_path / "out", source=str(g))
+    cfg, params = ck.load_compressed(tmp_path / "out", source=str(g))
+    # the job reads one layer at a time; the whole loaded model gives the same figure
+    from caldera_jax.checkpoints_io.model_source import load_model
+    from caldera_jax.eval.perplexity import model_perplexity, tokenize_text
+    kw = dict(seq_len=32, max_tokens=256, batch_size=4)
+    scfg, sparams, tok = load_model(str(g))
+    ids = tokenize_text(tok, str(text))
+    whole_after = model_perplexity(params, cfg, ids, **kw)
+    whole_before = model_perplexity(sparams, scfg, ids, **kw)
+    assert abs(whole_after["ppl"] - p["after"]["ppl"]) < 1e-5 * p["after"]["ppl"]
+    assert abs(whole_before["ppl"] - p["before"]["ppl"]) < 1e-5 * p["before"]["ppl"]

@@ -106,14 +106,20 @@ def test_out_equal_to_or_inside_the_model_is_refused(setup):
     assert {f: (model / f).read_bytes() for f in os.listdir(model)} == before
 
 
-def test_overwrite_deletes_only_our_files(setup, reference):
+def test_overwrite_deletes_only_our_files(setup, reference, capsys):
     out = setup["tmp"] / "ours-plus-user"
     shutil.copytree(reference[0], out)
     (out / "notes.txt").write_text("mine")
     (out / "layers" / "README").write_text("also mine")
+    (out / ".staging").mkdir()                                  # a killed run's half-written layer: ours
+    (out / ".staging" / ck.layer_file(0).split("/")[-1]).write_bytes(b"partial")
     with pytest.raises(job.JobError, match="holds a different job"):
         job.main(argv(setup, out, bq=4))
+    capsys.readouterr()
     job.main(argv(setup, out, bq=4, extra=("--overwrite",)))
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and ".staging" not in err         # .staging was ours: not reported as kept
+    assert not (out / ".staging").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "layers" / "README").read_text() == "also mine"
     assert json.loads((out / ck.JOB_FILE).read_text())["job_config"] != \
         json.loads((reference[0] / ck.JOB_FILE).read_text())["job_config"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from caldera_jax.eval.perplexity import model_perplexity, perplexity
+from caldera_jax.eval.perplexity import model_perplexity, perplexity, streamed_perplexity
 from experiments import assets
 
 MODEL, CORPUS = "smollm2-135m-instruct", "shakespeare"
@@ -44,6 +44,11 @@ def test_perplexity_matches_transformers(smollm2):
     assert ours["tokens"] == ref["tokens"] == 4 * 255
     assert 5 < ref["ppl"] < 200, ref            # a working model, not a broken conversion
     assert abs(ours["ppl"] - ref["ppl"]) / ref["ppl"] < 1e-3, (ours, ref)
+    # one layer in memory at a time (what the compression job and experiments.perplexity use)
+    from caldera_jax.checkpoints_io.model_source import open_layers
+    m = open_layers(assets.asset_path(MODEL))
+    streamed = streamed_perplexity(m.read_layer, m.read_globals, m.cfg, ids, **kw)
+    assert abs(streamed["ppl"] - ours["ppl"]) / ours["ppl"] < 1e-5, (streamed, ours)
 
 
 def test_chat_reply_is_sensible(smollm2):

@@ -51,9 +51,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from caldera_jax import linear as linear_lib
 from caldera_jax.config import ModelConfig
 from caldera_jax.families.base import ATTENTION_INPUT_GROUPS, DENSE_MLP_INPUT_GROUPS, EXPERT_INPUT_GROUPS
-from caldera_jax.models.decoder import decoder_layer, default_positions
+from caldera_jax.models.decoder import default_positions, representative_layer, standalone_layer
 from caldera_jax.models.hooks import Ctx, Hooks
-from caldera_jax.models.layers import rope_cos_sin
 from caldera_jax.params import MemorySource
 
 
@@ -139,12 +138,7 @@ def _layer_body(cfg: ModelConfig, rep: int, collect: bool, p, h, mask, positions
     W dict (experts: routed·mask weights [N, E]), count dict, finite dict)."""
     aux = {"_mask": mask.reshape(-1).astype(jnp.float32), "X": {}, "W": {}, "count": {}, "finite": {}}
     ctx = Ctx(COLLECT_HOOKS if collect else Hooks(), aux)
-    B, T = mask.shape
-    cos, sin = rope_cos_sin(cfg, positions, h.dtype)
-    kv = {"k": jnp.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), h.dtype),
-          "v": jnp.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), h.dtype)}
-    out, _ = decoder_layer(ctx, rep, p, cfg, h, cos, sin, kv, jnp.zeros((), jnp.int32), mask,
-                           positions, positions)
+    out = standalone_layer(ctx, rep, p, cfg, h, mask, positions)
     return out, aux["X"], aux["W"], aux["count"], aux["finite"]
 
 
@@ -163,11 +157,6 @@ def _layer_fn(cfg: ModelConfig, rep: int, collect: bool, mesh):
     # X and W are token-major: their dp shards concatenate back in batch-row order
     return jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(P(), P("dp"), P("dp"), P("dp")),
                                  out_specs=(P("dp"), P("dp"), P("dp"), P(), P()), check_vma=False))
-
-
-def _rep_layer(cfg: ModelConfig, i: int) -> int:
-    """The first layer of the same kind (dense/MoE): layers of one kind share one compiled function."""
-    return next(j for j in range(cfg.num_hidden_layers) if cfg.is_moe_layer(j) == cfg.is_moe_layer(i))
 
 
 # ------------------------------------------------------------------ the streaming driver
@@ -227,7 +216,7 @@ class Calibrator:
         cfg = self.cfg
         p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32) if isinstance(a, np.ndarray) else a,
                          layer_params)
-        fn = _layer_fn(cfg, _rep_layer(cfg, i), collect, self.mesh)
+        fn = _layer_fn(cfg, representative_layer(cfg, i), collect, self.mesh)
         shapes = hessian_shapes(cfg, i)
         acc: dict[str, np.ndarray] = {}                   # float64 Σ m xᵀx
         cnt: dict[str, np.ndarray] = {}

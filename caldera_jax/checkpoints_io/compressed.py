@@ -679,20 +679,46 @@ def _read_globals(path: str, cfg: ModelConfig, dtype: Any) -> dict[str, Any]:
     return out
 
 
-def load_compressed(ckpt_dir: str | os.PathLike, source: Any = None, *, dtype: Any = np.float32,
-                    verify_files: bool = True) -> tuple[ModelConfig, Params]:
-    """(cfg, params) of a compressed checkpoint; compressed linears are quantized-weight leaves
-    (QLRWeight) that `caldera_jax.linear.apply` runs, everything else jax arrays in `dtype`
-    (protected matrices hold their bf16 values).
+class CompressedReader:
+    """A compressed checkpoint opened for reading one layer at a time (see `open_compressed`).
 
-    source: the original model (HF dir, .gguf, open reader or (cfg, params)); when given, its
-    tensors must match the recorded fingerprint, checked before anything else is read
-    (FingerprintMismatchError otherwise). verify_files: check every file's sha256 first (the files
-    read below must be among those recorded).
+    .cfg, .read_layer(i) -> layer i's params (relative to model.layers.{i}: arrays or quantized
+    leaves), .read_globals() -> {embedding, final norm, (untied) LM head}: canonical name -> array."""
 
-    The checkpoint must be complete for its model config: every layer with every tensor the layer
-    needs (shapes checked), the embeddings, the final norm and, untied, the LM head. Anything wrong
-    is a CheckpointError naming the file and the tensor; no code named by a file is ever run."""
+    def __init__(self, ckpt_dir: str, manifest: dict[str, Any], cfg: ModelConfig, dtype: Any, verify_files: bool):
+        self.dir, self.manifest, self.cfg, self.dtype, self._verify = ckpt_dir, manifest, cfg, dtype, verify_files
+
+    def _path(self, rel: str) -> str:
+        p = os.path.join(self.dir, rel)
+        if self._verify and rel not in self.manifest["files"]:
+            raise CheckpointError(f"{p}: not listed in {CONFIG_FILE} (no recorded sha256 to check it against)")
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{p}: missing (the model has {self.cfg.num_hidden_layers} layers)")
+        return p
+
+    def read_layer_flat(self, i: int) -> dict[str, Any]:
+        """Layer i's tensors under their canonical names (model.layers.{i}....), checked."""
+        path = self._path(layer_file(i))
+        meta, layer = read_layer(path, self.dtype)
+        _check_layer(path, i, self.cfg, meta, layer)
+        return layer
+
+    def read_layer(self, i: int) -> Params:
+        pre = layer_prefix(i)
+        return unflatten({n[len(pre):]: v for n, v in self.read_layer_flat(i).items()})
+
+    def read_globals(self) -> dict[str, Any]:
+        return _read_globals(self._path(GLOBALS_FILE), self.cfg, self.dtype)
+
+
+def open_compressed(ckpt_dir: str | os.PathLike, source: Any = None, *, dtype: Any = np.float32,
+                    verify_files: bool = True) -> CompressedReader:
+    """Opens a compressed checkpoint, checking everything that can be checked before a tensor is
+    read: the manifest, (when `source` is given) the source's fingerprint, and (verify_files) every
+    file's sha256. Then `.read_layer(i)` reads one layer: memory grows with one layer, not the model.
+
+    source: the original model (HF dir, .gguf, open reader or (cfg, params)); its tensors must match
+    the recorded fingerprint (FingerprintMismatchError otherwise)."""
     ckpt_dir = os.fspath(ckpt_dir)
     m = read_config(ckpt_dir)
     cfg_path = os.path.join(ckpt_dir, CONFIG_FILE)
@@ -712,23 +738,25 @@ def load_compressed(ckpt_dir: str | os.PathLike, source: Any = None, *, dtype: A
         cfg = ModelConfig.from_hf_dict(m["model_config"], source=cfg_path)
     except Exception as e:  # noqa: BLE001  (ConfigError, or int()/float() of a bad value)
         raise CheckpointError(f"{cfg_path}: model_config is not usable ({type(e).__name__}: {e})") from e
+    return CompressedReader(ckpt_dir, m, cfg, dtype, verify_files)
 
-    def path_of(rel: str) -> str:
-        p = os.path.join(ckpt_dir, rel)
-        if verify_files and rel not in m["files"]:
-            raise CheckpointError(f"{p}: not listed in {CONFIG_FILE} (no recorded sha256 to check it against)")
-        if not os.path.isfile(p):
-            raise CheckpointError(f"{p}: missing (the model has {cfg.num_hidden_layers} layers)")
-        return p
 
+def load_compressed(ckpt_dir: str | os.PathLike, source: Any = None, *, dtype: Any = np.float32,
+                    verify_files: bool = True) -> tuple[ModelConfig, Params]:
+    """(cfg, params) of a compressed checkpoint; compressed linears are quantized-weight leaves
+    (QLRWeight) that `caldera_jax.linear.apply` runs, everything else jax arrays in `dtype`
+    (protected matrices hold their bf16 values). Checks as `open_compressed` (source fingerprint,
+    file digests) before anything is read.
+
+    The checkpoint must be complete for its model config: every layer with every tensor the layer
+    needs (shapes checked), the embeddings, the final norm and, untied, the LM head. Anything wrong
+    is a CheckpointError naming the file and the tensor; no code named by a file is ever run."""
+    reader = open_compressed(ckpt_dir, source, dtype=dtype, verify_files=verify_files)
     flat: dict[str, Any] = {}
-    for i in range(cfg.num_hidden_layers):
-        path = path_of(layer_file(i))
-        meta, layer = read_layer(path, dtype)
-        _check_layer(path, i, cfg, meta, layer)
-        flat.update(layer)
-    flat.update(_read_globals(path_of(GLOBALS_FILE), cfg, dtype))
-    return cfg, unflatten(flat)
+    for i in range(reader.cfg.num_hidden_layers):
+        flat.update(reader.read_layer_flat(i))
+    flat.update(reader.read_globals())
+    return reader.cfg, unflatten(flat)
 
 
 def compressed_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:

@@ -1,7 +1,16 @@
-"""Open whatever a user points at: a HF directory or a GGUF file -> (cfg, params, tokenizer)."""
+"""Open whatever a user points at.
+
+    cfg, params, tokenizer = load_model("hf_dir" | "model.gguf")          # the whole model in memory
+    m = open_layers("hf_dir" | "model.gguf" | "compressed_dir")          # one layer at a time
+    m.cfg, m.read_layer(i), m.read_globals(), m.tokenizer
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any, Callable
+
+import numpy as np
 
 import jax.numpy as jnp
 
@@ -33,3 +42,31 @@ def load_tokenizer(directory: str, kwargs: dict | None = None):
         return AutoTokenizer.from_pretrained(directory, local_files_only=True, **(kwargs or {}))
     except (OSError, ValueError):
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReader:
+    """A model read one decoder layer at a time. read_layer(i): layer i's params relative to
+    model.layers.{i} (float32 arrays, or quantized leaves of a compressed checkpoint);
+    read_globals(): {canonical name: array} of the embedding, final norm and (untied) LM head."""
+    cfg: Any
+    read_layer: Callable[[int], Any]
+    read_globals: Callable[[], dict[str, Any]]
+    tokenizer: Any
+    kind: str                       # "source" (HF directory or GGUF) or "compressed"
+
+
+def open_layers(path: Any, source: Any = None) -> LayerReader:
+    """A HF directory, a .gguf file, an open source reader (`fingerprint.open_source`), or a
+    compressed checkpoint (checked as `open_compressed`: manifest, file digests and, when `source`
+    is given, the source's fingerprint)."""
+    from caldera_jax.checkpoints_io import compressed as ck
+    from caldera_jax.checkpoints_io.fingerprint import open_source
+    path = path if hasattr(path, "read_layer") else os.fspath(path)
+    if isinstance(path, str) and os.path.isdir(path) and os.path.isfile(os.path.join(path, ck.CONFIG_FILE)):
+        r = ck.open_compressed(path, source)
+        return LayerReader(r.cfg, r.read_layer, r.read_globals, load_tokenizer(path), "compressed")
+    src = open_source(path)
+    names = [n for n in ck.GLOBAL_NAMES if n in src.names()]
+    return LayerReader(src.cfg, lambda i: src.read_layer(i, np.float32), lambda: {n: src.read(n) for n in names},
+                       load_tokenizer(src.tokenizer_dir, src.tokenizer_kwargs), "source")

@@ -7,8 +7,9 @@ and benchmarks, so the figures are comparable.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from caldera_jax.config import ModelConfig
-from caldera_jax.models.decoder import forward
+from caldera_jax.models.decoder import (default_positions, final_logits, forward, representative_layer,
+                                        standalone_layer)
+from caldera_jax.models.hooks import Ctx, Hooks
+from caldera_jax.params import unflatten
 
 
 def tokenize_text(tokenizer, path: str) -> np.ndarray:
@@ -59,3 +63,47 @@ def perplexity(logits_fn: Callable[[np.ndarray], jax.Array], token_ids: np.ndarr
 def model_perplexity(params, cfg: ModelConfig, token_ids: np.ndarray, **kw) -> dict:
     """Perplexity of our model (jitted forward) on a token stream; kw as in `perplexity`."""
     return perplexity(lambda b: forward(params, cfg, jnp.asarray(b, jnp.int32)), token_ids, **kw)
+
+
+# ------------------------------------------------------------------ one layer in memory at a time
+@functools.partial(jax.jit, static_argnames=("cfg", "i"))
+def _layer(p, cfg: ModelConfig, i: int, h, mask, positions):
+    return standalone_layer(Ctx(Hooks(), {}), i, p, cfg, h, mask, positions)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _head_nll(globals_, cfg: ModelConfig, h, tokens):
+    return window_nll(final_logits(Ctx(Hooks(), {}), globals_, cfg, h), tokens)
+
+
+def streamed_perplexity(read_layer: Callable[[int], Any], read_globals: Callable[[], dict[str, Any]],
+                        cfg: ModelConfig, token_ids: np.ndarray, seq_len: int = 512, batch_size: int = 4,
+                        max_tokens: int | None = None, desc: str = "perplexity") -> dict:
+    """`perplexity` of a model read one decoder layer at a time, for models that do not fit in
+    memory whole: read_layer(i) -> layer i's params (relative to model.layers.{i}; arrays or
+    quantized leaves), read_globals() -> {canonical name: array} of the embedding, final norm and
+    (untied) LM head. Holds the hidden states of every window (windows x seq_len x hidden float32)
+    plus one layer and the globals. Same windows and result as `model_perplexity`."""
+    w = windows(token_ids, seq_len, max_tokens)
+    glob = unflatten({n: jnp.asarray(a, jnp.float32) for n, a in read_globals().items()})
+    batches = [jnp.asarray(w[s:s + batch_size]) for s in range(0, len(w), batch_size)]
+    masks = [jnp.ones(b.shape, bool) for b in batches]
+    positions = [default_positions(m) for m in masks]
+    embed = glob["model"]["embed_tokens"]["weight"]
+    hs = [jnp.take(embed, b, axis=0) for b in batches]
+    if not cfg.tie_word_embeddings:
+        del glob["model"]["embed_tokens"]                 # the head is lm_head; free the embedding
+    del embed
+    bar = tqdm(total=cfg.num_hidden_layers + 1, desc=desc, unit="layer", leave=False)
+    for i in range(cfg.num_hidden_layers):
+        p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32) if isinstance(a, np.ndarray) else a, read_layer(i))
+        rep = representative_layer(cfg, i)
+        hs = [_layer(p, cfg, rep, h, m, pos) for h, m, pos in zip(hs, masks, positions)]
+        del p
+        bar.update()
+    total = sum(float(np.sum(np.asarray(_head_nll(glob, cfg, h, b), np.float64))) for h, b in zip(hs, batches))
+    bar.update()
+    bar.close()
+    count = len(w) * (seq_len - 1)
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": len(w), "seq_len": seq_len}

@@ -68,6 +68,33 @@ def decoder_layer(ctx: Ctx, i: int, p: dict, cfg: ModelConfig, h: jax.Array, cos
     return h + m, kv
 
 
+def representative_layer(cfg: ModelConfig, i: int) -> int:
+    """The first layer of layer i's kind (dense/MoE): run under that index, layers of one kind
+    share one compiled function (the index only selects the kind and names hook taps)."""
+    return next(j for j in range(cfg.num_hidden_layers) if cfg.is_moe_layer(j) == cfg.is_moe_layer(i))
+
+
+def standalone_layer(ctx: Ctx, i: int, p: dict, cfg: ModelConfig, h: jax.Array, mask: jax.Array,
+                     positions: jax.Array) -> jax.Array:
+    """Layer i on whole sequences without a cache (calibration, layer-streamed evaluation).
+    h [B, T, H], mask [B, T] bool (1 = real token), positions [B, T] int -> [B, T, H]."""
+    B, T = mask.shape
+    cos, sin = rope_cos_sin(cfg, positions, h.dtype)
+    kv = {"k": jnp.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), h.dtype),
+          "v": jnp.zeros((B, T, cfg.num_key_value_heads, cfg.head_dim), h.dtype)}
+    out, _ = decoder_layer(ctx, i, p, cfg, h, cos, sin, kv, jnp.zeros((), jnp.int32), mask,
+                           positions, positions)
+    return out
+
+
+def final_logits(ctx: Ctx, params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """The final norm and LM head: h [B, T, H] -> logits [B, T, V]. `params` needs only
+    model.embed_tokens (tied) or lm_head, and model.norm."""
+    h = ctx.tap("model.norm", rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps))
+    head = params["model"]["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    return ctx.linear("lm_head", h, {"weight": head["weight"]})
+
+
 def _run(params, cfg: ModelConfig, tokens, positions, cache: Cache, new_valid, hooks: Hooks,
          last_only: bool):
     """Runs the decoder on tokens [B, T] written at cache slot cache["index"]."""
@@ -87,9 +114,7 @@ def _run(params, cfg: ModelConfig, tokens, positions, cache: Cache, new_valid, h
         vs.append(kv["v"])
     if last_only:
         h = h[:, -1:]
-    h = ctx.tap("model.norm", rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps))
-    head = params["model"]["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
-    logits = ctx.linear("lm_head", h, {"weight": head["weight"]})
+    logits = final_logits(ctx, params, cfg, h)
     new_cache = {"k": ks, "v": vs, "valid": key_valid, "pos": key_pos, "index": index + T,
                  "next_pos": positions[:, -1] + 1}
     return logits, new_cache, ctx.aux

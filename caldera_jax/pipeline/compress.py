@@ -45,8 +45,8 @@ from caldera_jax.caldera.calibration import Calibrator, calibration_tokens, hess
 from caldera_jax.caldera.config import JobConfig, compressible, load_job_config
 from caldera_jax.checkpoints_io import compressed as ck
 from caldera_jax.checkpoints_io.fingerprint import fingerprint, open_source
-from caldera_jax.checkpoints_io.model_source import load_tokenizer
-from caldera_jax.eval.perplexity import model_perplexity, tokenize_text
+from caldera_jax.checkpoints_io.model_source import load_tokenizer, open_layers
+from caldera_jax.eval.perplexity import streamed_perplexity, tokenize_text
 from caldera_jax.params import flatten, layer_prefix, layer_shapes, param_shapes, unflatten
 from caldera_jax.pipeline import report
 from caldera_jax.pipeline.job_dir import JobDir, JobError, check_out_vs_model
@@ -461,21 +461,16 @@ def _compress_layers(spec: CompressJob, callbacks: Callbacks, inp: dict, mesh, o
 
 
 # ============================================================================ 6. perplexity
-def source_params(src) -> dict:
-    """The uncompressed model's parameters (float32 jax arrays) from an open source."""
-    if hasattr(src, "read_all"):
-        return jax.tree.map(jnp.asarray, src.read_all(jnp.float32))
-    return unflatten({n: jnp.asarray(src.read(n), jnp.float32) for n in src.names()})
-
-
 def perplexity_before_after(spec: CompressJob, inp: dict, say: Callable[[str], None]) -> dict[str, Any]:
+    """Both models read one decoder layer at a time (memory grows with one layer, not the model)."""
     src = inp["source"]
     kw = dict(seq_len=spec.ppl_seq_len, max_tokens=spec.ppl_tokens, batch_size=4)
-    params = source_params(src)
-    before = model_perplexity(params, src.cfg, inp["ppl_ids"], **kw)
-    del params
-    cfg, cparams = ck.load_compressed(spec.out, source=src)      # refuses a different source model
-    after = model_perplexity(cparams, cfg, inp["ppl_ids"], **kw)
+    res = {}
+    for what, path, source in (("before", src, None), ("after", spec.out, src)):
+        m = open_layers(path, source)                        # the checkpoint must match its source
+        res[what] = streamed_perplexity(m.read_layer, m.read_globals, m.cfg, inp["ppl_ids"],
+                                        desc=f"perplexity ({m.kind})", **kw)
+    before, after = res["before"], res["after"]
     say(f"perplexity on held-out text ({before['tokens']} tokens, {before['windows']} x {before['seq_len']}): "
         f"before {before['ppl']:.3f}  after {after['ppl']:.3f}  "
         f"({100 * (after['ppl'] / before['ppl'] - 1):+.1f}%)")

@@ -241,4 +241,5 @@ def delete_our_files(out: str) -> list[str]:
     for f in os.listdir(out):
         if os.path.isfile(os.path.join(out, f)) and any(fnmatch.fnmatch(f, p) for p in TOKENIZER_FILES):
             os.remove(os.path.join(out, f))
+    shutil.rmtree(os.path.join(out, STAGING_DIR), ignore_errors=True)   # layer files being written
     return sorted(f for f in os.listdir(out) if f != LOCK_FILE)
