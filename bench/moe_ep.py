@@ -2,6 +2,7 @@
 projection of the communication time saved at Qwen3-30B-A3B scale.
 
     python -m bench.moe_ep [--tokens 256] [--experts 32] [--repeats 3] [--out bench/results/moe_ep.json]
+    python -m bench.moe_ep --flops-only --experts 128 --tokens 32768   # Qwen3-30B-A3B shapes, counted
 
 Measured (8 fake CPU devices, mesh ep=8, float32 compute): a stack of two MoE layers (layer 0 is a
 stale codec's reference layer, layer 1 a conditioned one) at Qwen3-30B-A3B widths (hidden 2048,
@@ -29,6 +30,7 @@ from caldera_jax.config import ModelConfig
 from caldera_jax.models.hooks import Ctx
 from caldera_jax.moe import (FP8, Identity, IntQuant, Learned, StaleConditioned,
                              add_codec_params, codec_name, expert_parallel_hooks, make_mesh)
+from caldera_jax.moe.fold import fold_is_cheaper
 from caldera_jax.moe.wire import bytes_by_scope, collectives
 
 QWEN3 = dict(hidden=2048, experts=128, top_k=8, layers=48, intermediate=768)
@@ -38,13 +40,22 @@ STRIDE = 12          # the notes' reference-layer stride for the projection
 TOKENS_PER_DEVICE = 4096
 
 
-def codecs() -> list:
+def codecs() -> list[tuple[object, str]]:
+    """(codec, expert-side decoder): every codec with decoder="auto" (the default), and the
+    learned/stale 4x codecs also with each decoder forced, side by side (caldera_jax/moe/fold.py)."""
     bf16 = "bfloat16"
-    return [Identity(wire_dtype=bf16), IntQuant(8), IntQuant(4), IntQuant(2), IntQuant(4, "zeropoint"), FP8(),
+    auto = [Identity(wire_dtype=bf16), IntQuant(8), IntQuant(4), IntQuant(2), IntQuant(4, "zeropoint"), FP8(),
             Learned(2, wire_dtype=bf16), Learned(4, wire_dtype=bf16), Learned(8, wire_dtype=bf16),
             Learned(16, wire_dtype=bf16),
             StaleConditioned(4, wire_dtype=bf16, stride=2, stale_kind="raw"),
             StaleConditioned(4, wire_dtype=bf16, stride=2, stale_kind="compressed")]
+    forced = [(c, d) for c in (Learned(4, wire_dtype=bf16), StaleConditioned(4, wire_dtype=bf16, stride=2))
+              for d in ("rows", "fold")]
+    return [(c, "auto") for c in auto] + forced
+
+
+def label(codec, decoder: str) -> str:
+    return codec_name(codec) + ("" if decoder == "auto" else f" ({decoder})")
 
 
 def layer_config(experts: int) -> ModelConfig:
@@ -82,19 +93,37 @@ def step_fn(hooks, cfg: ModelConfig):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def codec_flops(codec, cfg: ModelConfig, layer: int) -> float:
-    """Forward FLOPs of the codec per token: one encode on the source, one decode per routed row
-    (top-k rows per token: every row is decoded on its expert's device)."""
-    H, k = cfg.hidden_size, cfg.num_experts_per_tok
+def codec_flops(codec, cfg: ModelConfig, layer: int, folded: bool, n: int, ep: int) -> float:
+    """Forward FLOPs the codec adds per token (n tokens per device, ep devices): one encode on the
+    source; decoded: one decode per routed row (k per token); folded (fold.py): the per-call fold
+    of W_d into the local experts' gate/up, spread over the n tokens, minus what gate/up save by
+    reading d < H inputs."""
+    H, k, I = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     if isinstance(codec, Learned):
         b = H // codec.ratio
         dec_in = b
         if isinstance(codec, StaleConditioned) and codec.stale_role(cfg, layer) == "use":
             dec_in += codec.stale_width(cfg)
+        if folded:
+            e_loc = cfg.num_experts // ep
+            return 2 * H * b + 4 * e_loc * I * H * dec_in / n + k * 4 * I * (dec_in - H)
         return 2 * H * b + k * 2 * dec_in * H
     if isinstance(codec, Identity):
         return 0.0
     return 4 * H + k * 2 * H          # quantizers: scale, divide, round, clip; decode: shift, multiply
+
+
+def folds(codec, decoder: str, cfg: ModelConfig, layer: int, n: int, ep: int, slots: int) -> bool:
+    """Whether the EP layer folds this codec's decoder (the same rule it applies when tracing)."""
+    if decoder == "rows" or not isinstance(codec, Learned):
+        return False
+    if decoder == "fold":
+        return True
+    dec_in = cfg.hidden_size // codec.ratio
+    if isinstance(codec, StaleConditioned) and codec.stale_role(cfg, layer) == "use":
+        dec_in += codec.stale_width(cfg)
+    e_loc = cfg.num_experts // ep
+    return fold_is_cheaper(e_loc * ep * slots, ep * slots, e_loc, cfg.moe_intermediate_size, cfg.hidden_size, dec_in)
 
 
 def moe_flops(cfg: ModelConfig) -> float:
@@ -103,24 +132,32 @@ def moe_flops(cfg: ModelConfig) -> float:
     return 2 * H * E + k * 3 * 2 * H * I
 
 
-def prepare(codec, cfg, base_params, x, r, mesh, capacity_factor: float) -> dict:
+def prepare(codec, decoder: str, cfg, base_params, x, r, mesh, capacity_factor: float, run: bool = True) -> dict:
     """Compiles the step for `codec` and reads its HLO and FLOPs; returns the row and the runner.
-    The combine path sends bf16 (Identity(bfloat16) combine codec), as a bf16 model does."""
-    params = add_codec_params(base_params, cfg, codec, jax.random.key(1))
+    The combine path sends bf16 (Identity(bfloat16) combine codec), as a bf16 model does.
+    run=False: params, x and r may be jax.ShapeDtypeStructs (compile and count only)."""
+    params = jax.eval_shape(lambda p: add_codec_params(p, cfg, codec, jax.random.key(1)), base_params) \
+        if not run else add_codec_params(base_params, cfg, codec, jax.random.key(1))
     hooks = expert_parallel_hooks(mesh, codec=codec, capacity_factor=capacity_factor,
-                                  combine_codec=Identity(wire_dtype="bfloat16"))
+                                  combine_codec=Identity(wire_dtype="bfloat16"), decoder=decoder)
     t0 = time.perf_counter()
     compiled = step_fn(hooks, cfg).lower(params, x, r).compile()
     compile_s = time.perf_counter() - t0
-    (_, aux), _ = compiled(params, x, r)
-    dropped = int(sum(int(v) for k_, v in aux.items() if k_.endswith(".dropped")))
+    dropped = None
+    if run:
+        (_, aux), _ = compiled(params, x, r)
+        dropped = int(sum(int(v) for k_, v in aux.items() if k_.endswith(".dropped")))
     ops = collectives(jax.jit(_forward(hooks, cfg)).lower(params, x).compile().as_text())
-    n = x.shape[0] // mesh.shape["ep"]
-    rows = cfg.num_experts * hooks.moe.dispatch.slots(n, cfg.num_experts_per_tok, cfg.num_experts)
+    ep = mesh.shape["ep"]
+    n = x.shape[0] // ep
+    slots = hooks.moe.dispatch.slots(n, cfg.num_experts_per_tok, cfg.num_experts)
+    rows = cfg.num_experts * slots
     per_layer = [bytes_by_scope(ops, layer=i) for i in range(2)]
-    row = {"codec": codec_name(codec), "compile_s": compile_s, "dropped": dropped,
+    folded = [folds(codec, decoder, cfg, i, n, ep, slots) for i in range(2)]
+    row = {"codec": label(codec, decoder), "compile_s": compile_s, "dropped": dropped,
+           "folded": "+".join("fold" if f else "rows" for f in folded) if isinstance(codec, Learned) else "-",
            "xla_gflop": float((compiled.cost_analysis() or {}).get("flops", float("nan"))) / 1e9,
-           "codec_flop_tok": (codec_flops(codec, cfg, 0) + codec_flops(codec, cfg, 1)) / 2,
+           "codec_flop_tok": sum(codec_flops(codec, cfg, i, folded[i], n, ep) for i in range(2)) / 2,
            "moe_flop_tok": moe_flops(cfg),
            "row_B": per_layer[1]["moe_dispatch"] / rows,
            "ids_B_row": per_layer[1].get("moe_token_ids", 0.0) / rows,
@@ -128,7 +165,7 @@ def prepare(codec, cfg, base_params, x, r, mesh, capacity_factor: float) -> dict
            "combine_B_row": per_layer[1]["moe_combine"] / rows,
            "other_collective_B": sum(v for layer in per_layer for s, v in layer.items()
                                      if s not in ("moe_dispatch", "moe_combine", "moe_stale", "moe_token_ids"))}
-    return {"row": row, "run": lambda: jax.block_until_ready(compiled(params, x, r))}
+    return {"row": row, "run": (lambda: jax.block_until_ready(compiled(params, x, r))) if run else None}
 
 
 def _forward(hooks, cfg):
@@ -183,8 +220,10 @@ ASSUMPTIONS = [
     "CPU times, not network times); mesh ep=8; float32 compute; identity and learned codecs send bf16",
     "measured layer: hidden 2048, expert width 768, top-8, fewer experts than Qwen3 (see meta) so it fits "
     "two CPU cores; forward+backward of a 2-layer stack (reference + conditioned layer), time / 2",
-    "codec FLOPs: one encode per token + one decode per routed row (k per token); "
-    "quantizer FLOPs are elementwise estimates",
+    "codec FLOPs (analytic): one encode per token + either one decode per routed row (k per token) or, "
+    "folded (caldera_jax/moe/fold.py), the per-call fold W_g·W_d spread over the device's tokens minus "
+    "what gate/up save by reading d < H inputs; quantizer FLOPs are elementwise estimates; "
+    "xla_flop_delta_pct is the compiled forward+backward step's FLOPs (XLA cost analysis) vs identity",
     "projection: Qwen3-30B-A3B (hidden 2048, 128 experts, top-8, 48 MoE layers), "
     f"{TOKENS_PER_DEVICE} tokens per device per layer, uniform routing ((ep-1)/ep of rows leave the device), "
     "exactly k rows per token (dropless), combine path in bf16, no overlap of communication with compute, "
@@ -207,15 +246,35 @@ def main(argv=None) -> None:
     ap.add_argument("--ep", type=int, default=8, help="expert-parallel devices (8 fake CPU devices by default; "
                     "1 on a single GPU)")
     ap.add_argument("--out", default="bench/results/moe_ep.json")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="compile and count (XLA FLOPs, wire bytes) without running: for full-size shapes, "
+                         "e.g. --experts 128 --tokens 32768 (Qwen3-30B-A3B, 4096 tokens per device at ep=8)")
     args = ap.parse_args(argv)
     runtime.setup(cpu_devices=args.ep)            # fake CPU devices (no effect on a GPU)
     cfg = layer_config(args.experts)
     mesh = make_mesh(ep=args.ep)
-    params, x, r = init(cfg, args.tokens)
+    if args.flops_only:
+        params, x, r = jax.eval_shape(lambda: init(cfg, args.tokens))
+    else:
+        params, x, r = init(cfg, args.tokens)
     prepared = []
-    for codec in codecs():
-        prepared.append(prepare(codec, cfg, params, x, r, mesh, args.capacity_factor))
+    for codec, decoder in codecs():
+        prepared.append(prepare(codec, decoder, cfg, params, x, r, mesh, args.capacity_factor,
+                                run=not args.flops_only))
         print(f"  compiled {prepared[-1]['row']['codec']} ({prepared[-1]['row']['compile_s']:.1f}s)", flush=True)
+    if args.flops_only:
+        rows = [p["row"] for p in prepared]
+        for row in rows:
+            row["codec_flop_pct"] = 100 * row["codec_flop_tok"] / row["moe_flop_tok"]
+            row["xla_flop_delta_pct"] = 100 * (row["xla_gflop"] / rows[0]["xla_gflop"] - 1)
+            row["wire_vs_bf16"] = row["row_B"] / rows[0]["row_B"]
+        write_report(args.out, "moe_ep_flops", rows,
+                     ["codec", "folded", "xla_gflop", "xla_flop_delta_pct", "codec_flop_pct", "row_B", "wire_vs_bf16"],
+                     extra={"mesh": f"ep={args.ep}", "tokens": args.tokens, "experts": args.experts,
+                            "hidden": cfg.hidden_size, "expert_width": cfg.moe_intermediate_size,
+                            "top_k": cfg.num_experts_per_tok, "capacity_factor": args.capacity_factor,
+                            "assumptions": ASSUMPTIONS, "device": jax.default_backend()})
+        return
     # Interleaved rounds: every codec runs once per round, right after the others, so all see the
     # same machine load; ratios to identity are taken within a round, then the median over rounds.
     # CPU time (all threads of this process) is reported beside wall time: other jobs on a shared
@@ -245,7 +304,7 @@ def main(argv=None) -> None:
         row["xla_flop_delta_pct"] = 100 * (row["xla_gflop"] / ident["xla_gflop"] - 1)
         row["wire_vs_bf16"] = row["row_B"] / ident["row_B"]
     projection = [p for row in rows for p in project(row, ident)]
-    cols = ["codec", "layer_ms", "time_vs_identity", "layer_cpu_ms", "cpu_vs_identity", "codec_flop_pct", "xla_flop_delta_pct", "row_B",
+    cols = ["codec", "folded", "layer_ms", "time_vs_identity", "layer_cpu_ms", "cpu_vs_identity", "codec_flop_pct", "xla_flop_delta_pct", "row_B",
             "wire_vs_bf16", "ids_B_row", "stale_B_tok", "combine_B_row", "dropped"]
     print("\nprojection (paper):")
     _table(projection, ["codec", "ep", "link", "GB_s", "B_tok_layer", "comm_us_layer", "saved_us_layer",

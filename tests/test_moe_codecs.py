@@ -129,14 +129,17 @@ def test_codec_params_in_tree_split_merge_and_train(tmp_path):
 
 
 # -------------------------------------------------------------------- gradients: EP vs one device
-@pytest.mark.parametrize("codec,mode", [(Learned(ratio=4, init_kind="random"), "compressed"),
-                                        (StaleConditioned(ratio=4, stride=2, init_kind="random"), "uncompressed"),
-                                        (StaleConditioned(ratio=2, stride=2, stale_kind="compressed",
-                                                          init_kind="random"), "compressed")],
-                         ids=["learned", "stale-raw", "stale-compressed"])
-def test_codec_gradients_match_single_device(codec, mode, tmp_path):
+@pytest.mark.parametrize("codec,mode,decoder", [
+    (Learned(ratio=4, init_kind="random"), "compressed", "fold"),
+    (Learned(ratio=4, init_kind="random"), "compressed", "rows"),
+    (StaleConditioned(ratio=4, stride=2, init_kind="random"), "uncompressed", "fold"),
+    (StaleConditioned(ratio=2, stride=2, stale_kind="compressed", init_kind="random"), "compressed", "fold"),
+    (StaleConditioned(ratio=2, stride=2, stale_kind="compressed", init_kind="random"), "compressed", "rows")],
+    ids=["learned-fold", "learned-rows", "stale-raw-fold", "stale-compressed-fold", "stale-compressed-rows"])
+def test_codec_gradients_match_single_device(codec, mode, decoder, tmp_path):
     """LM-style loss through a 3-layer model (reference, conditioned, reference layer):
-    gradients w.r.t. every codec parameter on ep=4 x dp=2 equal the one-device simulation."""
+    gradients w.r.t. every codec parameter on ep=4 x dp=2 equal the one-device simulation, whether
+    the expert side decodes every row or folds the linear decoder into the experts (moe/fold.py)."""
     from caldera_jax.checkpoints_io.hf import load_hf
     cfg, params = load_hf(tiny_hf_model("qwen3_moe", tmp_path, num_hidden_layers=3)[0])
     params = add_codec_params(params, cfg, codec, jax.random.key(0))
@@ -149,7 +152,8 @@ def test_codec_gradients_match_single_device(codec, mode, tmp_path):
             return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
         return jax.jit(jax.value_and_grad(loss))(train)
     l_sim, g_sim = grads(simulated_hooks(codec=codec, router_mode=mode))
-    l_ep, g_ep = grads(expert_parallel_hooks(make_mesh(ep=4, dp=2), codec=codec, router_mode=mode))
+    l_ep, g_ep = grads(expert_parallel_hooks(make_mesh(ep=4, dp=2), codec=codec, router_mode=mode,
+                                             decoder=decoder))
     np.testing.assert_allclose(float(l_ep), float(l_sim), rtol=1e-5)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(g_sim))
     assert_close(g_ep, g_sim)
@@ -299,3 +303,17 @@ def test_ragged_dispatch_with_stale_codec():
     want = stack(simulated_hooks(codec=codec))(tree, x)
     got = stack(expert_parallel_hooks(make_mesh(ep=4, dp=2), codec=codec, dispatch=Ragged(emulate=True)))(tree, x)
     assert_close(got, want)
+
+
+def test_fold_pays_off_with_many_tokens_per_device():
+    """decoder="auto" folds W_d into the experts for a training/prefill batch and decodes rows for
+    a decode step (Qwen3-30B-A3B widths, learned 4x, ep=8: 16 local experts, capacity 1.25)."""
+    from caldera_jax.moe.fold import fold_is_cheaper
+    H, I, E, k, ep, d = 2048, 768, 128, 8, 8, 512
+
+    def cheaper(n):
+        C = -(-5 * n * k // (4 * E))                 # ceil(1.25 n k / E) slots per (source, expert)
+        return fold_is_cheaper(E * C, ep * C, E // ep, I, H, d)
+    assert cheaper(4096) and not cheaper(1)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        expert_parallel_hooks(make_mesh(ep=2), codec=Learned(4), decoder="fused")

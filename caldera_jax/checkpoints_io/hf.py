@@ -5,7 +5,8 @@ Reading: `open_hf(dir)` gives a lazy `HFCheckpoint`; `read(name)` assembles one 
 reading only the tensors it needs. `load_hf(dir)` reads everything as jax arrays.
 
 Writing: `save_hf(out_dir, cfg, params)` writes what transformers 5 `from_pretrained` loads with no
-missing or unexpected keys, atomically (a temporary sibling directory renamed into place).
+missing or unexpected keys, atomically (a temporary sibling directory renamed into place);
+`save_hf_layers(out_dir, cfg, read_layer, globals_)` the same from a model read one layer at a time.
 
 On-disk names (the per-expert layouts live in the family modules, caldera_jax.families; the fused
 transformers-5 layout in `_FUSED`):
@@ -155,7 +156,6 @@ class HFCheckpoint:
         self.dir = path
         self.cfg = ModelConfig.from_json(os.path.join(path, CONFIG_FILE))
         self._shapes = param_shapes(self.cfg)
-        self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}   # disk tensor name -> file path
         single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
         if os.path.exists(single):
@@ -169,7 +169,9 @@ class HFCheckpoint:
                    f"{INDEX_FILE} checkpoint is read)" if other else ""
             raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
         for f in files:
-            for key in self._handle(f).keys():
+            with self._handle(f) as h:
+                keys = h.keys()
+            for key in keys:
                 if key in self._where:
                     raise CheckpointError(f"{f}: tensor '{key}' also stored in {self._where[key]}")
                 self._where[key] = f
@@ -193,16 +195,17 @@ class HFCheckpoint:
         return weight_map
 
     def _handle(self, file: str):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(file, framework="numpy")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-        return self._handles[file]
+        """A safetensors handle of `file`, opened for one read: closing it unmaps the file, so the
+        pages a read touched do not stay in this process's resident memory (reading every layer
+        of a 3 GB model would otherwise leave 3 GB of it mapped)."""
+        try:
+            return safe_open(file, framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
 
     # -------------------------------------------------------------- queries
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads (kept for `with open_hf(...)`)."""
 
     def __enter__(self) -> "HFCheckpoint":
         return self
@@ -236,16 +239,17 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.source}: missing tensor '{key}' (needed for '{name}')")
             file = self._where[key]
             try:
-                sl = self._handle(file).get_slice(key)
-                got = tuple(sl.get_shape())
-                if want is not None and got != rec.disk_shape(want):
-                    raise CheckpointError(f"{file}: tensor '{key}' has shape {got}, "
-                                          f"expected {rec.disk_shape(want)}")
-                if rec.half is None:
-                    parts.append(self._handle(file).get_tensor(key))
-                else:
-                    n = got[1] // 2
-                    parts.append(sl[:, rec.half * n:(rec.half + 1) * n])
+                with self._handle(file) as h:
+                    sl = h.get_slice(key)
+                    got = tuple(sl.get_shape())
+                    if want is not None and got != rec.disk_shape(want):
+                        raise CheckpointError(f"{file}: tensor '{key}' has shape {got}, "
+                                              f"expected {rec.disk_shape(want)}")
+                    if rec.half is None:
+                        parts.append(h.get_tensor(key))
+                    else:
+                        n = got[1] // 2
+                        parts.append(np.array(sl[:, rec.half * n:(rec.half + 1) * n]))
             except (SafetensorError, OSError, TypeError) as e:
                 raise CheckpointError(f"{file}: cannot read tensor '{key}' ({e})") from e
         arr = np.stack(parts) if rec.stack else parts[0]
@@ -308,11 +312,14 @@ def _as_leaf(name: str, leaf: Any, out_dir: str) -> Any:
     return leaf
 
 
-def _plan(cfg: ModelConfig, params: Params, dtype: np.dtype | None, out_dir: str) -> list[_DiskTensor]:
-    """Validates params against param_shapes(cfg) and lists the disk tensors to write, in HF order."""
+def _plan(cfg: ModelConfig, params: Params, dtype: np.dtype | None, out_dir: str,
+          want: dict[str, tuple[int, ...]] | None = None) -> list[_DiskTensor]:
+    """Validates params against `want` (default param_shapes(cfg): the whole model; or a part of
+    it, with canonical names) and lists the disk tensors to write, in HF order."""
     flat = flatten(params)
     if cfg.tie_word_embeddings:
         flat.pop("lm_head.weight", None)
+    want = param_shapes(cfg) if want is None else want
     out: list[_DiskTensor] = []
     cache: dict[str, np.ndarray] = {}   # the last materialised stacked leaf (experts are consecutive)
 
@@ -325,7 +332,7 @@ def _plan(cfg: ModelConfig, params: Params, dtype: np.dtype | None, out_dir: str
             return np.ascontiguousarray(a.astype(dt, copy=False))
         return get
 
-    for name, shape in param_shapes(cfg).items():
+    for name, shape in want.items():
         if name not in flat:
             raise CheckpointError(f"{out_dir}: params has no tensor '{name}' (expected shape {shape})")
         leaf = _as_leaf(name, flat.pop(name), out_dir)
@@ -435,6 +442,61 @@ def save_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, *,
         os.makedirs(tmp)
         _write_weights(tmp, tensors, max_shard_bytes)
         _write_json(os.path.join(tmp, CONFIG_FILE), _hf_config(cfg, saved_dtype))
+        _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE),
+                    generation_config if generation_config is not None else _generation_config(cfg))
+        if tokenizer_dir is not None:
+            _copy_tokenizer(os.fspath(tokenizer_dir), tmp)
+        fsync_path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def save_hf_layers(out_dir: str | os.PathLike, cfg: ModelConfig, read_layer: Callable[[int], Params],
+                   globals_: dict[str, Any], *, dtype: Any = np.float32, tokenizer_dir: str | os.PathLike | None = None,
+                   generation_config: dict[str, Any] | None = None) -> str:
+    """save_hf for a model read one decoder layer at a time: memory holds one layer (plus the
+    globals). read_layer(i) -> layer i's params relative to model.layers.{i} (dense arrays);
+    globals_: {canonical name: array} of the embedding, final norm and (untied) LM head. Writes one
+    safetensors shard per layer plus one for the globals, with model.safetensors.index.json, in
+    `dtype`; same files otherwise, same atomicity (a temporary sibling renamed into place)."""
+    out_dir = os.path.abspath(os.fspath(out_dir)).rstrip(os.sep)
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    dt = np_dtype(dtype)
+    shapes = param_shapes(cfg)
+    glob_want = {n: s for n, s in shapes.items() if not n.startswith("model.layers.")}
+    glob_plan = _plan(cfg, unflatten(dict(globals_)), dt, out_dir, glob_want)
+    L = cfg.num_hidden_layers
+    n = L + 1
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        shutil.rmtree(tmp)
+    try:
+        os.makedirs(tmp)
+        weight_map: dict[str, str] = {}
+        total = [0, 0]
+
+        def write(k: int, plan: list[_DiskTensor]) -> None:
+            fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+            save_file({t.name: t.get() for t in plan}, os.path.join(tmp, fname), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, fname), 0o644)   # safetensors creates files 0600
+            fsync_path(os.path.join(tmp, fname))
+            weight_map.update({t.name: fname for t in plan})
+            total[0] += sum(t.nbytes for t in plan)
+            total[1] += sum(math.prod(t.shape) for t in plan)
+
+        for i in range(L):
+            pre = layer_prefix(i)
+            want = {pre + k: s for k, s in layer_shapes(cfg, i).items()}
+            write(i + 1, _plan(cfg, {"model": {"layers": {str(i): read_layer(i)}}}, dt, out_dir, want))
+        write(n, glob_plan)
+        _write_json(os.path.join(tmp, INDEX_FILE), {
+            "metadata": {"total_size": total[0], "total_parameters": total[1]},
+            "weight_map": dict(sorted(weight_map.items()))})
+        _write_json(os.path.join(tmp, CONFIG_FILE), _hf_config(cfg, dt.name))
         _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE),
                     generation_config if generation_config is not None else _generation_config(cfg))
         if tokenizer_dir is not None:

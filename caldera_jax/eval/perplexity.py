@@ -82,8 +82,8 @@ def streamed_perplexity(read_layer: Callable[[int], Any], read_globals: Callable
     """`perplexity` of a model read one decoder layer at a time, for models that do not fit in
     memory whole: read_layer(i) -> layer i's params (relative to model.layers.{i}; arrays or
     quantized leaves), read_globals() -> {canonical name: array} of the embedding, final norm and
-    (untied) LM head. Holds the hidden states of every window (windows x seq_len x hidden float32)
-    plus one layer and the globals. Same windows and result as `model_perplexity`."""
+    (untied) LM head. Holds the hidden states of every window (windows x seq_len x hidden float32),
+    one layer, the globals and one window's logits. Same windows and result as `model_perplexity`."""
     w = windows(token_ids, seq_len, max_tokens)
     glob = unflatten({n: jnp.asarray(a, jnp.float32) for n, a in read_globals().items()})
     batches = [jnp.asarray(w[s:s + batch_size]) for s in range(0, len(w), batch_size)]
@@ -101,7 +101,9 @@ def streamed_perplexity(read_layer: Callable[[int], Any], read_globals: Callable
         hs = [_layer(p, cfg, rep, h, m, pos) for h, m, pos in zip(hs, masks, positions)]
         del p
         bar.update()
-    total = sum(float(np.sum(np.asarray(_head_nll(glob, cfg, h, b), np.float64))) for h, b in zip(hs, batches))
+    # the head one window at a time: logits [1, seq_len, V] float32 (V = 152k: 0.3 GB, not 1.2 GB a batch)
+    total = sum(float(np.asarray(_head_nll(glob, cfg, h[j:j + 1], b[j:j + 1]), np.float64)[0])
+                for h, b in zip(hs, batches) for j in range(b.shape[0]))
     bar.update()
     bar.close()
     count = len(w) * (seq_len - 1)

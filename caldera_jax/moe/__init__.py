@@ -5,6 +5,7 @@
     codecs.py        Identity, IntQuant, FP8, Learned, StaleConditioned
     codec_params.py  codec params in the model tree; trainable/frozen split
     source.py        the token's own device (encode, stale, routing); SimulatedMoE, the one-device twin
+    fold.py          a learned codec's linear decoder folded into the experts' gate/up weights
     ep.py            the shard_map layer, expert_parallel_hooks, make_mesh
     wire.py          bytes on the wire read from the compiled HLO
 """

@@ -18,7 +18,8 @@ Codecs here:
     IntQuant(bits, scheme)                      absmax / zero-point INT8, INT4, INT2, per-token scale;
                                                 INT4/INT2 codes packed 2/4 per uint8
     FP8(block)                                  float8 e4m3, one float32 scale per `block` channels
-    Learned(ratio, init, wire_dtype)            c = W_c x (H -> H/ratio), x̂ = W_d c
+    Learned(ratio, init, wire_dtype)            c = W_c x (H -> H/ratio), x̂ = W_d c (a linear decoder:
+                                                the EP layer folds W_d into the experts, fold.py)
     StaleConditioned(ratio, stride, stale, ..)  reference layers (every `stride`-th MoE layer) send
                                                 their state once (raw, or their code); the layers
                                                 after them decode x̂ = W_d [c, stale]
@@ -218,11 +219,20 @@ class Learned(_NoStale):
         c = linear_lib.apply(x, params["compress"]["weight"])
         return {"c": c.astype(_dtype(self.wire_dtype, x))}
 
-    def decode(self, params, payload: Payload, stale=None) -> jax.Array:
+    def decoder_input(self, params, payload: Payload, stale=None) -> jax.Array:
+        """z [n, d]: what the linear decoder multiplies (the code, and the stale state if any)."""
         z = payload["c"]
         if stale is not None:
             z = jnp.concatenate([z, stale.astype(z.dtype)], axis=-1)
-        w = params["decompress"]["weight"]
+        return z
+
+    def decoder_weight(self, params) -> jax.Array:
+        """W_d [H, d]: decode(payload) = z W_dᵀ, a linear map (so it folds into the experts' first
+        linears: caldera_jax/moe/fold.py)."""
+        return params["decompress"]["weight"]
+
+    def decode(self, params, payload: Payload, stale=None) -> jax.Array:
+        z, w = self.decoder_input(params, payload, stale), self.decoder_weight(params)
         return linear_lib.apply(z.astype(jnp.promote_types(z.dtype, w.dtype)), w)
 
 

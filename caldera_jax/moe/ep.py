@@ -10,7 +10,8 @@ One MoE layer, tokens x [N, H] sharded over (dp, ep), n = N / (dp*ep) per device
                     router mode; reference layers of a stale codec all_gather their stale state
                     over ep once (every ep peer may serve those tokens in the following layers)
     shard_map     : dispatch payload rows to the experts' devices (all_to_all along ep), decode
-                    there (with the token's stale state), run the local experts through
+                    there (with the token's stale state; a learned codec's linear decoder is
+                    folded into the experts' gate/up weights instead, fold.py), run the local experts through
                     ctx.linear on [E_loc, S, H], psum over tp, carry the outputs back (optionally
                     through a combine codec), weight by the router probabilities, sum over k.
 The source side (source.py) is token-local and runs as its own collective-free shard_map; the
@@ -36,11 +37,14 @@ from caldera_jax.config import ModelConfig
 from caldera_jax.models.hooks import Ctx, Hooks
 from caldera_jax.moe.codecs import Identity
 from caldera_jax.moe.dispatch import Capacity, Ragged, all_gather, for_platform
+from caldera_jax.moe.fold import can_fold, fold_experts, fold_is_cheaper
 from caldera_jax.moe.routing import check_router_mode
 from caldera_jax.moe.source import (check_pure, codec_params, expert_ffn, is_explicit, layer_index, place,
                                     source_side, token_axes)
 
 AXES = ("dp", "ep", "tp")
+DECODERS = ("auto", "fold", "rows")   # fold a linear decoder into the experts (fold.py), decode
+                                      # every row, or whichever costs fewer FLOPs at the shapes
 
 
 # ------------------------------------------------------------------------------------------ mesh
@@ -85,6 +89,11 @@ class ExpertParallelMoE:
     router_mode: str = "compressed"
     dispatch: Any = Capacity()
     combine_codec: Any = None
+    decoder: str = "auto"
+
+    def __post_init__(self):
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
 
     def __call__(self, name: str, p: dict, cfg: ModelConfig, x_router: jax.Array,
                  x_expert: jax.Array, ctx) -> jax.Array:
@@ -142,6 +151,17 @@ class _Body:
     dtype: Any
     dispatch: Any
 
+    def _fold(self, codec, cp, experts, d) -> bool:
+        """Fold the codec's decoder into the experts (fold.py): when asked, or ("auto") when fewer FLOPs."""
+        if self.moe.decoder == "rows" or not can_fold(codec, experts):
+            return False
+        if self.moe.decoder == "fold":
+            return True
+        rows = jax.tree.leaves(d.payload)[0].shape[0]
+        e_loc, inter, hidden = experts["gate_proj"]["weight"].shape
+        slots = d.to_layout(jnp.zeros((rows, 1), jnp.int8)).shape[1]
+        return fold_is_cheaper(rows, slots, e_loc, inter, hidden, codec.decoder_weight(cp).shape[1])
+
     def __call__(self, payload, idx, weight, experts, cp, ccp, stale):
         codec, cc, name = self.moe.codec, self.moe.combine_codec, self.name
         ctx = Ctx(self.hooks, {})
@@ -156,8 +176,14 @@ class _Body:
         if self.role == "use":
             table = jnp.concatenate([stale[0], jnp.zeros_like(stale[0][:, :1])], axis=1)  # [ep, n+1, Hs]
             row_stale = table[d.src, jnp.minimum(d.token, n)]
-        x = codec.decode(cp, d.payload, row_stale).astype(self.dtype)              # [R, H]
-        y = expert_ffn(ctx, name, experts, d.to_layout(x))                         # [E_loc, S, H]
+        if self._fold(codec, cp, experts, d):                             # gate/up read z directly
+            with jax.named_scope("moe_codec_fold"):
+                experts = fold_experts(experts, codec.decoder_weight(cp))             # [E_loc, I, d]
+            z = codec.decoder_input(cp, d.payload, row_stale).astype(self.dtype)     # [R, d]
+            y = expert_ffn(ctx, name, experts, d.to_layout(z))                         # [E_loc, S, H]
+        else:
+            x = codec.decode(cp, d.payload, row_stale).astype(self.dtype)              # [R, H]
+            y = expert_ffn(ctx, name, experts, d.to_layout(x))                         # [E_loc, S, H]
         if self.tp is not None:
             y = jax.lax.psum(y, self.tp)
         rows = d.from_layout(y)
@@ -178,14 +204,17 @@ class _Body:
 # ------------------------------------------------------------------------------------------ hooks
 def expert_parallel_hooks(mesh: Mesh, *, codec: Any = None, router_mode: str = "compressed",
                           dispatch: str | Any = "capacity", capacity_factor: float | None = None,
-                          combine_codec: Any = None, base: Hooks = Hooks()) -> Hooks:
+                          combine_codec: Any = None, decoder: str = "auto", base: Hooks = Hooks()) -> Hooks:
     """Hooks running every MoE layer expert-parallel on `mesh` (axes ep, optional dp and tp).
 
     codec: a caldera_jax.moe.codecs codec (None: Identity); router_mode: "compressed" |
     "uncompressed"; dispatch: "capacity" | "ragged" (or a Capacity / Ragged instance);
     capacity_factor: slots per (device, expert) = ceil(factor * n * k / E), None = never drop;
-    combine_codec: optional codec on the way back (off by default); base: other hooks (linear,
-    tap) to keep.
+    combine_codec: optional codec on the way back (off by default); decoder: "fold" (a learned
+    codec's linear decoder is folded into the experts' gate/up weights, caldera_jax/moe/fold.py;
+    other codecs and quantized experts decode rows) | "rows" (decode every received row) |
+    "auto" (whichever costs fewer FLOPs at the traced shapes: fold for many tokens per device);
+    base: other hooks (linear, tap) to keep.
     """
     if isinstance(dispatch, str):
         if dispatch not in ("capacity", "ragged"):
@@ -194,5 +223,5 @@ def expert_parallel_hooks(mesh: Mesh, *, codec: Any = None, router_mode: str = "
     check_router_mode(router_mode)
     mesh_sizes(mesh)
     moe = ExpertParallelMoE(mesh, Identity() if codec is None else codec, router_mode, dispatch,
-                            combine_codec)
+                            combine_codec, decoder)
     return dataclasses.replace(base, moe=moe)
