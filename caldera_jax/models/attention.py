@@ -15,9 +15,10 @@ from caldera_jax.models.layers import apply_rope, rms_norm
 
 def self_attention(ctx, name: str, p: dict, cfg: ModelConfig, x: jax.Array, cos, sin,
                    kv: dict, index: jax.Array, key_valid: jax.Array, key_pos: jax.Array,
-                   q_pos: jax.Array) -> tuple[jax.Array, dict]:
+                   q_pos: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """x: [B, T, H]; kv: {"k","v"}: [B, S, Hkv, D] buffers; index: first slot written (scalar);
     key_valid [B, S] bool and key_pos [B, S] int32 already include the new tokens; q_pos [B, T].
+    segment_ids [B, T] (packed rows, S == T only): a query sees only keys of its own segment.
     Returns (out [B, T, H], updated kv)."""
     B, T, _ = x.shape
     D, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -37,6 +38,8 @@ def self_attention(ctx, name: str, p: dict, cfg: ModelConfig, x: jax.Array, cos,
     mask = key_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot[None, :, None])  # [B,T,S]
     if cfg.sliding_window is not None:
         mask &= (q_pos[:, :, None] - key_pos[:, None, :]) < cfg.sliding_window
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
 
     qg = q.reshape(B, T, nkv, nh // nkv, D)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype),

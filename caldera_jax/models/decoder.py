@@ -52,13 +52,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> Cache:
 
 
 def decoder_layer(ctx: Ctx, i: int, p: dict, cfg: ModelConfig, h: jax.Array, cos, sin, kv: dict,
-                  index, key_valid, key_pos, q_pos) -> tuple[jax.Array, dict]:
+                  index, key_valid, key_pos, q_pos, segment_ids=None) -> tuple[jax.Array, dict]:
     """One pre-norm decoder layer. h: [B, T, H] -> ([B, T, H], updated kv buffers)."""
     name = f"model.layers.{i}"
     h = ctx.tap(name, h)
     a, kv = self_attention(ctx, f"{name}.self_attn", p["self_attn"], cfg,
                            rms_norm(h, p["input_layernorm"]["weight"], cfg.rms_norm_eps),
-                           cos, sin, kv, index, key_valid, key_pos, q_pos)
+                           cos, sin, kv, index, key_valid, key_pos, q_pos, segment_ids)
     h = h + a
     x = ctx.tap(f"{name}.mlp.input", rms_norm(h, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps))
     if cfg.is_moe_layer(i):
@@ -96,7 +96,7 @@ def final_logits(ctx: Ctx, params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
 
 
 def _run(params, cfg: ModelConfig, tokens, positions, cache: Cache, new_valid, hooks: Hooks,
-         last_only: bool):
+         last_only: bool, segment_ids=None):
     """Runs the decoder on tokens [B, T] written at cache slot cache["index"]."""
     ctx = Ctx(hooks, {})
     B, T = tokens.shape
@@ -109,7 +109,7 @@ def _run(params, cfg: ModelConfig, tokens, positions, cache: Cache, new_valid, h
     ks, vs = [], []
     for i, lp in params_lib.iter_layers(params, cfg):
         h, kv = decoder_layer(ctx, i, lp, cfg, h, cos, sin, {"k": cache["k"][i], "v": cache["v"][i]},
-                              index, key_valid, key_pos, positions)
+                              index, key_valid, key_pos, positions, segment_ids)
         ks.append(kv["k"])
         vs.append(kv["v"])
     if last_only:
@@ -126,8 +126,12 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("cfg", "hooks", "return_aux"))
 def forward(params, cfg: ModelConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
-            positions: jax.Array | None = None, hooks: Hooks = Hooks(), return_aux: bool = False):
+            positions: jax.Array | None = None, hooks: Hooks = Hooks(), return_aux: bool = False,
+            segment_ids: jax.Array | None = None):
     """tokens [B, T] int -> logits [B, T, V] (and the hooks' aux dict if return_aux).
+
+    Packed rows (caldera_jax.data.batching.pack): segment_ids [B, T] (1.. per sequence, 0 =
+    padding) keeps each sequence's attention inside its segment; pass the packed positions too.
 
     Expert parallelism is a hook: hooks=caldera_jax.moe.expert_parallel_hooks(mesh) runs the MoE
     layers on the mesh's ep (and dp, tp) axes.
@@ -136,7 +140,8 @@ def forward(params, cfg: ModelConfig, tokens: jax.Array, attention_mask: jax.Arr
     positions = default_positions(mask) if positions is None else positions.astype(jnp.int32)
     dtype = params["model"]["embed_tokens"]["weight"].dtype
     cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
-    logits, _, aux = _run(params, cfg, tokens, positions, cache, mask, hooks, last_only=False)
+    logits, _, aux = _run(params, cfg, tokens, positions, cache, mask, hooks, last_only=False,
+                          segment_ids=segment_ids)
     return (logits, aux) if return_aux else logits
 
 
