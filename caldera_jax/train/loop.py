@@ -120,7 +120,7 @@ def plot_curves(rows: list[dict], path: str, smooth: float = 0.9) -> None:
     os.replace(tmp, path)
 
 
-def _placer(mesh):
+def batch_placer(mesh):
     if mesh is None or "dp" not in mesh.axis_names:
         return lambda b: jax.tree.map(jnp.asarray, b)
     sharding = NamedSharding(mesh, P("dp"))
@@ -169,7 +169,7 @@ def train(loss_fn: LossFn, trainable, frozen, data: Data, tc: TrainConfig, out_d
     grad_fn = micro_grads(loss_fn)
     eval_fn = jax.jit(loss_fn)
     update = jax.jit(lambda g, s, p: _apply(opt, g, s, p))
-    place = _placer(mesh)
+    place = batch_placer(mesh)
     root = jax.random.key(tc.seed)
     val = data.val_batches()
     trainable, opt_state = state["trainable"], state["opt_state"]

@@ -1,0 +1,71 @@
+"""Train the expert-parallel codecs end to end through a frozen MoE model.
+
+    python -m experiments.train_compressors --model MOE_DIR --data chat.jsonl --out runs/codec-4x \\
+        [--ratio 2|4|8|16] [--stale none|compressed|uncompressed] [--stride 12] \\
+        [--router-mode compressed|uncompressed] [--init identity|random|offline:DIR] [--epochs 1] \\
+        [--max-steps N] [--batch-size 4] [--accum 1] [--seq-len 256] [--lr 1e-4] [--val-interval 50] \\
+        [--mesh dp=2,ep=4] [--dtype bfloat16]
+
+Rerunning the same command after a crash resumes from the last checkpoint (out/train/ckpt). See
+caldera_jax/pipeline/train_compressors.py for what is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from caldera_jax import runtime
+
+
+def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
+    out = {}
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        if k not in ("dp", "ep") or not v.isdigit() or int(v) < 1:
+            raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected e.g. dp=2,ep=4")
+        out[k] = int(v)
+    return tuple(sorted(out.items()))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--mode", default="chat", choices=["chat", "text"])
+    ap.add_argument("--ratio", type=int, default=4, choices=[2, 4, 8, 16])
+    ap.add_argument("--stale", default="none", choices=["none", "compressed", "uncompressed"])
+    ap.add_argument("--stride", type=int, default=12)
+    ap.add_argument("--router-mode", default="compressed", choices=["compressed", "uncompressed"])
+    ap.add_argument("--init", default="identity")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--val-interval", type=int, default=50)
+    ap.add_argument("--ckpt-interval", type=int, default=50)
+    ap.add_argument("--mesh", type=parse_mesh, default=(("dp", 1), ("ep", 1)))
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    sizes = dict(args.mesh)
+    runtime.setup(cpu_devices=sizes.get("dp", 1) * sizes.get("ep", 1), hf_offline=True)
+    from caldera_jax.pipeline.train_compressors import CompressorJob, CompressorJobError, run
+    job = CompressorJob(model=args.model, data=args.data, out=args.out, mode=args.mode, ratio=args.ratio,
+                        stale=args.stale, stride=args.stride, router_mode=args.router_mode, init=args.init,
+                        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                        accum=args.accum, seq_len=args.seq_len, lr=args.lr, val_interval=args.val_interval,
+                        ckpt_interval=args.ckpt_interval, mesh=args.mesh, dtype=args.dtype, seed=args.seed,
+                        progress=not args.no_progress)
+    try:
+        return run(job)
+    except CompressorJobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
