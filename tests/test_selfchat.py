@@ -1,0 +1,75 @@
+"""experiments.selfchat on a tiny model with the real SmolLM2 tokenizer and chat template: one
+record per prompt in the prompts' order, greedy answers equal a direct generate call, and a run
+killed between batches continues to the same file."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from caldera_jax.pipeline import selfchat
+from experiments import assets
+from tests.hf_tiny import tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not assets.is_cached("smollm2-135m-instruct"):
+        pytest.fail("asset 'smollm2-135m-instruct' is not cached (make test fetches it)")
+    tmp = tmp_path_factory.mktemp("selfchat")
+    src = assets.asset_path("smollm2-135m-instruct")
+    model, _ = tiny_hf_model("llama", tmp, vocab_size=49152)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / f).exists():
+            shutil.copy(src / f, model)
+    ev = tmp / "evalsets" / "arc_easy"
+    ev.mkdir(parents=True)
+    rows = [{"id": f"q{k}", "question": q, "choices": {"label": ["A", "B"], "text": ["yes", "no"]}, "answerKey": "A"}
+            for k, q in enumerate(["Is ice cold?", "Do fish swim in water every day of the year?", "Is the sun hot?",
+                                   "Can birds fly?", "Is a circle round?"])]
+    (ev / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return {"model": model, "evalsets": str(tmp / "evalsets"), "tmp": tmp}
+
+
+def _job(setup, out):
+    return selfchat.SelfChatJob(setup["model"], setup["evalsets"], str(out), sets=("arc_easy/validation",),
+                                max_new_tokens=6, batch_size=2, progress=False)
+
+
+def test_answers_in_order_and_equal_to_greedy_generation(setup):
+    out = setup["tmp"] / "a.jsonl"
+    meta = selfchat.run(_job(setup, out), log=lambda s: None)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"arc_easy/validation:q{k}" for k in range(5)] and meta["rows"] == 5
+    from caldera_jax.checkpoints_io.model_source import load_model
+    from caldera_jax.models.generate import generate
+    cfg, params, tok = load_model(setup["model"], dtype=jnp.float32)
+    ids = tok.apply_chat_template([rows[2]["messages"][0]], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    eos = tuple(sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"), cfg.eos_token_id} - {None}))
+    new = generate(params, cfg, np.asarray([ids]), max_new_tokens=6, eos_token_id=eos)[0].tolist()
+    stop = next((j for j, t in enumerate(new) if t in eos), None)
+    assert rows[2]["messages"][1]["content"] == tok.decode(new[:stop], skip_special_tokens=True).strip()
+
+
+def test_a_killed_run_continues_to_the_same_file(setup, monkeypatch):
+    ref = setup["tmp"] / "ref.jsonl"
+    selfchat.run(_job(setup, ref), log=lambda s: None)
+    out = setup["tmp"] / "killed.jsonl"
+    real, calls = selfchat.generate, []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+    monkeypatch.setattr(selfchat, "generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        selfchat.run(_job(setup, out), log=lambda s: None)
+    assert not out.exists() and len((setup["tmp"] / "killed.jsonl.partial").read_text().splitlines()) == 2
+    monkeypatch.setattr(selfchat, "generate", real)
+    selfchat.run(_job(setup, out), log=lambda s: None)
+    assert out.read_text() == ref.read_text()
