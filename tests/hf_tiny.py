@@ -95,3 +95,47 @@ def canonical_state_dict(model) -> dict[str, np.ndarray]:
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
     return out
+
+
+# A character-level tokenizer (101 ids: 5 special tokens, then the printable ASCII characters),
+# with a ChatML chat template, for tests that need text in and out (lm-eval). Use it with a tiny
+# model of vocab_size >= TOKENIZER_VOCAB.
+TOKENIZER_SPECIALS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
+TOKENIZER_VOCAB = 101
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_tiny_tokenizer(directory) -> str:
+    """Writes the character-level tokenizer (tokenizer.json, tokenizer_config.json, chat template)
+    into `directory` (bos <s> = 1, eos </s> = 2, as the tiny models' configs); returns it."""
+    import string
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(list(TOKENIZER_SPECIALS) + chars)}
+    assert len(vocab) == TOKENIZER_VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(TOKENIZER_SPECIALS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(os.fspath(directory))
+    return os.fspath(directory)
+
+
+def with_smollm2_tokenizer(model_dir) -> str:
+    """Copies the real SmolLM2-135M-Instruct tokenizer and chat template (the cached asset; make
+    test fetches it) next to a tiny model built with vocab_size=49152; returns model_dir."""
+    import shutil
+
+    from experiments import assets
+    if not assets.is_cached("smollm2-135m-instruct"):
+        raise RuntimeError("asset 'smollm2-135m-instruct' is not cached: run `python -m experiments.assets "
+                           "fetch smollm2-135m-instruct` (make test does)")
+    src = assets.asset_path("smollm2-135m-instruct")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / f).exists():
+            shutil.copy(src / f, model_dir)
+    return str(model_dir)

@@ -4,27 +4,19 @@ killed between batches continues to the same file."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from caldera_jax.pipeline import selfchat
-from experiments import assets
-from tests.hf_tiny import tiny_hf_model
+from tests.hf_tiny import tiny_hf_model, with_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    if not assets.is_cached("smollm2-135m-instruct"):
-        pytest.fail("asset 'smollm2-135m-instruct' is not cached (make test fetches it)")
     tmp = tmp_path_factory.mktemp("selfchat")
-    src = assets.asset_path("smollm2-135m-instruct")
-    model, _ = tiny_hf_model("llama", tmp, vocab_size=49152)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / f).exists():
-            shutil.copy(src / f, model)
+    model = with_smollm2_tokenizer(tiny_hf_model("llama", tmp, vocab_size=49152)[0])
     ev = tmp / "evalsets" / "arc_easy"
     ev.mkdir(parents=True)
     rows = [{"id": f"q{k}", "question": q, "choices": {"label": ["A", "B"], "text": ["yes", "no"]}, "answerKey": "A"}

@@ -5,27 +5,19 @@ same loss, and bad options are refused before any work."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from caldera_jax.pipeline import train_compressors as tc
-from experiments import assets
-from tests.hf_tiny import tiny_hf_model
+from tests.hf_tiny import tiny_hf_model, with_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    if not assets.is_cached("smollm2-135m-instruct"):
-        pytest.fail("asset 'smollm2-135m-instruct' is not cached (make test fetches it)")
     tmp = tmp_path_factory.mktemp("codec")
-    src = assets.asset_path("smollm2-135m-instruct")
-    model, _ = tiny_hf_model("qwen3_moe", tmp, vocab_size=49152, num_hidden_layers=2)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / f).exists():
-            shutil.copy(src / f, model)
+    model = with_smollm2_tokenizer(tiny_hf_model("qwen3_moe", tmp, vocab_size=49152, num_hidden_layers=2)[0])
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(60):
