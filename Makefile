@@ -15,8 +15,8 @@ TEST_ASSETS := smollm2-135m-instruct shakespeare evalsets
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(LOCK) pip setuptools
-	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e ".[test]"
-	$(PY) requirements/check_lock.py $(LOCK)
+	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e ".[test,eval]"
+	$(PY) requirements/check_lock.py --sync $(LOCK)
 	@rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)
@@ -33,7 +33,7 @@ test: $(STAMP)
 test-latest:
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip setuptools
-	.venv-latest/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+	.venv-latest/bin/python -m pip install -q --no-build-isolation -e ".[test,eval]"
 	.venv-latest/bin/python -m pip freeze --all --exclude-editable > .venv-latest/resolved.txt
 	diff $(LOCK) .venv-latest/resolved.txt | grep '^[<>] [A-Za-z]' || echo "latest == lock"
 	.venv-latest/bin/python -m experiments.assets fetch $(TEST_ASSETS)
@@ -43,7 +43,7 @@ test-latest:
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools
-	.venv-lock/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+	.venv-lock/bin/python -m pip install -q --no-build-isolation -e ".[test,eval]"
 	{ head -2 $(LOCK); .venv-lock/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
 

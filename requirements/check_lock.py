@@ -1,12 +1,17 @@
-"""Fail unless this environment holds exactly the versions in the lock file (argv[1]).
+"""Fail unless this environment holds exactly the versions in the lock file.
+
+    python requirements/check_lock.py [--sync] LOCK
 
 Run by `make install` after the constrained install: a dependency added to pyproject without
 refreshing the lock (so installed unpinned) or a pin that pip could not honour stops here.
+--sync first uninstalls what the lock does not list (a package a re-resolved lock dropped, e.g.
+tzdata when python-dateutil went back to 2.9), so an existing .venv converges to a new lock.
 """
 from __future__ import annotations
 
 import importlib.metadata as md
 import re
+import subprocess
 import sys
 
 
@@ -14,7 +19,13 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def main(lock_path: str) -> int:
+def _installed() -> dict[str, str]:
+    out = {_norm(d.metadata["Name"]): d.version for d in md.distributions()}
+    out.pop("caldera-jax", None)
+    return out
+
+
+def main(lock_path: str, sync: bool = False) -> int:
     locked = {}
     with open(lock_path, encoding="utf-8") as f:
         for line in f:
@@ -22,8 +33,12 @@ def main(lock_path: str) -> int:
             if line:
                 name, _, version = line.partition("==")
                 locked[_norm(name)] = version
-    installed = {_norm(d.metadata["Name"]): d.version for d in md.distributions()}
-    installed.pop("caldera-jax", None)
+    installed = _installed()
+    unlisted = sorted(n for n in installed if n not in locked)
+    if sync and unlisted:
+        print(f"uninstalling what {lock_path} does not list: {', '.join(unlisted)}")
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", *unlisted], check=True)
+        installed = _installed()
     wrong = [f"{n}: installed {v}, lock {locked.get(n, '(absent)')}"
              for n, v in sorted(installed.items()) if locked.get(n) != v]
     missing = sorted(set(locked) - set(installed))
@@ -38,4 +53,9 @@ def main(lock_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    args = sys.argv[1:]
+    sync = "--sync" in args
+    rest = [a for a in args if a != "--sync"]
+    if len(rest) != 1:
+        sys.exit("usage: check_lock.py [--sync] LOCK")
+    sys.exit(main(rest[0], sync))

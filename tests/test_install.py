@@ -81,7 +81,8 @@ def test_transformers_builds_tokenizer_from_smollm2_gguf():
 
 
 def test_wheel_installs_only_caldera_jax(tmp_path):
-    """A built wheel holds our one import name (plus its .dist-info), and the kernels' table."""
+    """A built wheel holds our one import name (plus its .dist-info), the kernels' table and the
+    lm-eval task YAMLs."""
     src = tmp_path / "src"
     src.mkdir()
     for f in ("pyproject.toml", "README.md"):
@@ -98,4 +99,5 @@ def test_wheel_installs_only_caldera_jax(tmp_path):
     assert top - dist_info == WHEEL_TOP_LEVEL, sorted(top)
     assert "caldera_jax/kernels/qlr_select.json" in names
     assert "caldera_jax/checkpoints_io/compressed.py" in names
+    assert "caldera_jax/lmeval/tasks/arc_easy.yaml" in names          # the lm-eval tasks ship too
     assert not any(n.split("/", 1)[0] in FOREIGN for n in names)

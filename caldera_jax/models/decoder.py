@@ -4,6 +4,7 @@
     forward(params, cfg, tokens, attention_mask)         -> logits [B, T, V]
     prefill(params, cfg, tokens, attention_mask, max_len) -> (last logits [B, V], cache)
     decode_step(params, cfg, cache, token [B])           -> (logits [B, V], cache)
+    extend(params, cfg, cache, tokens [B, T], mask)      -> (logits [B, T, V], cache)
 
 All are pure and jit-compiled with `cfg` (and `hooks`) static. Padding: `attention_mask` [B, T] is 1
 for real tokens; positions default to cumsum(mask) - 1, so a left-padded row gives the same
@@ -167,3 +168,15 @@ def decode_step(params, cfg: ModelConfig, cache: Cache, token: jax.Array,
     logits, cache, _ = _run(params, cfg, token[:, None], positions, cache,
                             jnp.ones((token.shape[0], 1), bool), hooks, last_only=True)
     return logits[:, 0], cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "hooks"), donate_argnames=("cache",))
+def extend(params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, attention_mask: jax.Array,
+           hooks: Hooks = Hooks()) -> tuple[jax.Array, Cache]:
+    """Appends T tokens per row (tokens [B, T]; attention_mask [B, T], 1 = real, padding only at
+    the right end) at the cache's next slots -> (logits [B, T, V], cache). decode_step with T
+    tokens: scores a continuation after a prefilled prefix in one pass."""
+    mask = attention_mask.astype(bool)
+    positions = cache["next_pos"][:, None] + default_positions(mask)
+    logits, cache, _ = _run(params, cfg, tokens, positions, cache, mask, hooks, last_only=False)
+    return logits, cache
