@@ -20,10 +20,10 @@ LAYERS = {
     "caldera_jax.runtime": 0, "caldera_jax.config": 0, "caldera_jax.params": 0, "caldera_jax.families": 0,
     "caldera_jax.formats": 1,
     "caldera_jax.kernels": 2,
-    "caldera_jax.linear": 3, "caldera_jax.models": 3, "caldera_jax.eval": 3,
-    "caldera_jax.caldera": 4, "caldera_jax.moe": 4,
+    "caldera_jax.linear": 3, "caldera_jax.models": 3, "caldera_jax.eval": 3, "caldera_jax.data": 3, "caldera_jax.train": 3,
+    "caldera_jax.caldera": 4, "caldera_jax.moe": 4, "caldera_jax.moefy": 4, "caldera_jax.allocation": 4,
     "caldera_jax.checkpoints_io": 5,
-    "caldera_jax.pipeline": 6,
+    "caldera_jax.pipeline": 6, "caldera_jax.lmeval": 6,
     "experiments": 7,
     "bench": 8,
 }
