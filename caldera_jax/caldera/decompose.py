@@ -195,7 +195,8 @@ def _core(w, h, key, *, budget: MatrixBudget, mode: str, svd_method: str, robust
     fac_q = ldlq.factors_for(h_reg, spec_q, chol=chol) if mode == "ldlq" else None
     if r:
         c_inv = jax.scipy.linalg.solve_triangular(chol[0], jnp.eye(n, dtype=jnp.float32), lower=False)
-        fac_r = lowrank.factors_for_r(h_reg, chol) if spec_r is not None else None
+        fac_r = (None if spec_r is None else lowrank.factors_for_r(h_reg, chol) if spec_r.kind == "uniform"
+                 else ldlq.factors_for(h_reg, spec_r, chol=chol))      # a lattice R: blocks of 8, padded
 
     def rel(st):
         e = ws - st.q_hat - st.l_hat @ st.r_hat

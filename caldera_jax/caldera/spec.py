@@ -25,12 +25,16 @@ class MatrixBudget:
     group_size: int = 64         # uniform: consecutive input columns sharing a scale (e8p, fp4: fixed)
     symmetric: bool = True       # uniform: symmetric (absmax) or asymmetric (zero point)
     factor_group_size: int = 64  # uniform quantization of L and R
+    factor_quantizer: str = "uniform"   # L and R: "uniform" (groupwise scalar) or "e8p" (E8 lattice,
+                                 # + a residual stage at 3-4 bits, as the reference CALDERA's factors)
     iters: int = 5               # outer alternations (LR step, Q step)
     lplr_iters: int = 10         # alternating quantized-L/R rounds inside one LR step
     requant_sweeps: int = 10     # LDLQ re-quantization sweeps inside one Q step
-    order: str = "lr_first"      # "lr_first" or "q_first"
+    order: str = "q_first"       # "q_first" or "lr_first" (q_first: lower H-error and perplexity on
+                                 # SmolLM2 at E8P 2-bit and uniform 3-bit, BENCHMARKS.md)
     incoherence: bool = True     # random signs + Walsh-Hadamard on both sides
-    hessian_downdate: bool = False   # LDLQ on H with the low-rank subspace projected out
+    hessian_downdate: bool = True    # LDLQ on H with the low-rank subspace projected out (acts from
+                                 # the second outer iteration; with q_first the best long schedule)
     sigma_reg: float = 1e-2      # H <- H / mean(diag H) + sigma_reg * I
     seed: int = 0                # incoherence signs / randomized parts
 
@@ -43,9 +47,12 @@ class MatrixBudget:
         allowed = registry.bits(self.quantizer)
         if self.b_q not in allowed:
             bad("b_q", f"is not supported by the {self.quantizer} quantizer (allowed: {allowed})")
+        if self.factor_quantizer not in registry.FACTOR_KINDS:
+            bad("factor_quantizer", f"is not one of {registry.FACTOR_KINDS}")
         for f in ("b_l", "b_r"):
-            if getattr(self, f) not in registry.FACTOR_BITS:
-                bad(f, f"must be one of {registry.FACTOR_BITS}")
+            if getattr(self, f) not in registry.factor_bits(self.factor_quantizer):
+                bad(f, f"must be one of {registry.factor_bits(self.factor_quantizer)} "
+                       f"({self.factor_quantizer} factors; 16 = bf16)")
         for f in ("group_size", "factor_group_size"):
             if getattr(self, f) < 1:
                 bad(f, "must be >= 1")

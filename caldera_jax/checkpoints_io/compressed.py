@@ -574,14 +574,15 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json_bytes({k: v for k, v in manifest.items() if k != MANIFEST_DIGEST})).hexdigest()
 
 
-def write_config(out_dir: str, manifest: dict[str, Any]) -> str:
-    """caldera_config.json (last file written; records the sha256 of every other file, and its own
-    content's sha256 under MANIFEST_DIGEST)."""
+def write_config(out_dir: str, manifest: dict[str, Any], skip_dirs: tuple[str, ...] = ("report",)) -> str:
+    """caldera_config.json (last file written; records the sha256 of every other file but those
+    under skip_dirs (a job's report, training state), and its own content's sha256 under
+    MANIFEST_DIGEST)."""
     files = {}
     for root, _, fs in os.walk(out_dir):
         for f in fs:
             rel = os.path.relpath(os.path.join(root, f), out_dir).replace(os.sep, "/")
-            if rel in (CONFIG_FILE,) or rel.startswith("report/") or f.startswith("."):
+            if rel in (CONFIG_FILE,) or rel.split("/")[0] in skip_dirs or f.startswith("."):
                 continue
             files[rel] = file_sha256(os.path.join(root, f))
     # as it reads back (tuples -> lists, int keys -> str), so the digest is that of what is read

@@ -70,15 +70,16 @@ class QuantSpec:
 
     @classmethod
     def for_factors(cls, budget: Any, which: str = "l") -> "QuantSpec | None":
-        """Uniform quantizer of L (which="l", bits b_l) or R ("r", b_r); None when the factor is bf16
-        (bits 16). Groups run along each factor's own input dimension (L: rank, R: n)."""
+        """The quantizer of L (which="l", bits b_l) or R ("r", b_r): the budget's factor_quantizer
+        (uniform by default, groups of factor_group_size; e8p: blocks of 8); None when the factor is
+        bf16 (bits 16). Groups run along each factor's own input dimension (L: rank, R: n)."""
         if which not in ("l", "r"):
             raise ValueError(f"which must be 'l' or 'r', got {which!r}")
         bits = budget.b_l if which == "l" else budget.b_r
         if bits == 16:
             return None
-        return cls(kind="uniform", bits=bits, group_size=budget.factor_group_size,
-                   symmetric=budget.symmetric)
+        return cls(kind=getattr(budget, "factor_quantizer", "uniform"), bits=bits,
+                   group_size=budget.factor_group_size, symmetric=budget.symmetric)
 
 
 def padded_n(n: int, spec: QuantSpec) -> int:

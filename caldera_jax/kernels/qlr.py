@@ -54,9 +54,10 @@ def choose_backend(x: jax.Array, w) -> str:
     return select.choose(x, w)
 
 
-def _xla_product(v: jax.Array, q, a, b, s_in, s_out, scale) -> jax.Array:
+def xla_product(v: jax.Array, q, a, b, s_in, s_out, scale) -> jax.Array:
     """v [..., k] -> scale · fwht_out(fwht_in(v, s_in)·(qᵀ + aᵀ·bᵀ), s_out) with q [o, k], a [r, k],
-    b [o, r] dequantized f32 (a, b None: no low-rank term; signs None: no rotation), in v's dtype."""
+    b [o, r] dequantized f32 (a, b None: no low-rank term; signs None: no rotation), in v's dtype.
+    Plain jnp, so differentiable in every float argument (caldera/finetune.py trains through it)."""
     hi = jax.lax.Precision.HIGHEST
     u = v.astype(jnp.float32)
     if s_in is not None:
@@ -78,7 +79,7 @@ def _xla(x: jax.Array, w) -> jax.Array:
         raise ValueError(f"qlr_linear: x has {x.shape[-1]} features, weight expects {n}")
     so, si = w.signs()
     lr = (None, None) if w.l is None else (packing.dequantize(w.r), packing.dequantize(w.l))
-    return _xla_product(x, packing.dequantize(w.q), *lr, si, so, w.scale)
+    return xla_product(x, packing.dequantize(w.q), *lr, si, so, w.scale)
 
 
 def _xla_transpose(dy: jax.Array, w) -> jax.Array:
@@ -86,7 +87,7 @@ def _xla_transpose(dy: jax.Array, w) -> jax.Array:
     swapped (L first)."""
     so, si = w.signs()
     lr = (None, None) if w.l is None else (packing.dequantize(w.l).T, packing.dequantize(w.r).T)
-    return _xla_product(dy, packing.dequantize(w.q).T, *lr, so, si, w.scale)
+    return xla_product(dy, packing.dequantize(w.q).T, *lr, so, si, w.scale)
 
 
 # qlr_triton is imported when the triton backend is first used, not here: `import triton` is heavy

@@ -177,12 +177,13 @@ CODE = ("caldera_jax/caldera", "caldera_jax/models", "caldera_jax/linear.py", "c
         "caldera_jax/config.py", "caldera_jax/kernels", "caldera_jax/checkpoints_io")
 
 
-def code_digest() -> str:
+def code_digest(parts: tuple[str, ...] = CODE) -> str:
     """sha256 of the sources that decide the checkpoint's bytes (decomposition, quantizers, packing,
-    model, calibration, checkpoint format): a job resumes only with the code it started with."""
+    model, calibration, checkpoint format; `parts`: paths from the repository root): a job resumes
+    only with the code it started with."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     h = hashlib.sha256()
-    for part in CODE:
+    for part in parts:
         p = os.path.join(root, part)
         if not os.path.exists(p):
             raise FileNotFoundError(f"code_digest: {p} does not exist (CODE is out of date)")

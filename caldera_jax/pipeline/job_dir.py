@@ -33,7 +33,9 @@ PROGRESS_FILE = "progress.json"
 # What a job writes into --out, and so the only things --overwrite deletes.
 OUR_FILES = (ck.CONFIG_FILE, ck.JOB_FILE, ck.GLOBALS_FILE, PROGRESS_FILE)
 OUR_DIRS = {ck.LAYER_DIR: ("layer-*.safetensors",),
-            "report": ("report.json", "metrics.jsonl", "error_by_layer.png")}
+            "report": ("report.json", "metrics.jsonl", "error_by_layer.png", "ppl_by_tokens.png")}
+# Directories a job of ours creates whole (a fine-tuning job's training state): removed whole.
+OUR_TREES = ("finetune",)
 IDENTITY_KEYS = {"job_config_digest", "code_digest", "source_digest"}
 
 
@@ -223,12 +225,15 @@ def _read_json(path: str) -> Any:
 
 
 def delete_our_files(out: str) -> list[str]:
-    """Deletes what a job of ours writes (OUR_FILES, OUR_DIRS' patterns, the copied tokenizer
-    files, stale temporaries) and nothing else; returns what was left in place."""
+    """Deletes what a job of ours writes (OUR_FILES, OUR_DIRS' patterns, OUR_TREES, the copied
+    tokenizer files, stale temporaries) and nothing else; returns what was left in place."""
     for f in OUR_FILES:
         p = os.path.join(out, f)
         if os.path.isfile(p):
             os.remove(p)
+    for d in OUR_TREES:
+        if os.path.isdir(os.path.join(out, d)):
+            shutil.rmtree(os.path.join(out, d))
     for d, patterns in OUR_DIRS.items():
         p = os.path.join(out, d)
         if not os.path.isdir(p):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Callable
 
@@ -46,7 +45,7 @@ from caldera_jax.moe import (Learned, StaleConditioned, add_codec_params, codec_
 from caldera_jax.moe.ep import check_mesh
 from caldera_jax.moe.routing import ROUTER_MODES
 from caldera_jax.params import flatten, unflatten
-from caldera_jax.train.loop import TrainConfig, TrainResult, batch_placer, evaluate, token_nll, train
+from caldera_jax.train.loop import EpochData, TrainConfig, TrainResult, batch_placer, evaluate, token_nll, train
 from caldera_jax.train.optim import OptimConfig
 
 STALE = {"none": None, "compressed": "compressed", "uncompressed": "raw"}
@@ -94,23 +93,6 @@ def make_codec(job: CompressorJob):
     if STALE[job.stale] is None:
         return Learned(job.ratio, kind, wire_dtype="bfloat16")
     return StaleConditioned(job.ratio, kind, wire_dtype="bfloat16", stride=job.stride, stale_kind=STALE[job.stale])
-
-
-class EpochData:
-    """Padded micro-batches of the train split, reshuffled every epoch by (seed, epoch); step s
-    holds the epoch's micro-batches [k·accum, (k+1)·accum) (fewer in an epoch's last step)."""
-
-    def __init__(self, train_batches: list[dict], val_batches: list[dict], accum: int, seed: int):
-        self.train, self.val, self.accum, self.seed = train_batches, val_batches, accum, seed
-        self.steps_per_epoch = math.ceil(len(train_batches) / accum)
-
-    def micro_batches(self, step: int) -> list[dict]:
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
-        return [self.train[i] for i in order[k * self.accum:(k + 1) * self.accum]]
-
-    def val_batches(self) -> list[dict]:
-        return self.val
 
 
 def _offline_init(spec: str, cfg, codec) -> dict[int, dict]:

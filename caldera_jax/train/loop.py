@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -127,13 +129,41 @@ def batch_placer(mesh):
     return lambda b: jax.tree.map(lambda a: jax.device_put(a, sharding), b)
 
 
+def evaluate_metrics(eval_fn, trainable, frozen, batches: list[dict], place, key) -> tuple[float, dict]:
+    """(mean token loss, {metric: sum / tokens}) over batches (eval_fn: jitted loss_fn)."""
+    s = n = 0.0
+    msum: dict[str, float] = {}
+    for b in batches:
+        ls, nt, m = eval_fn(trainable, frozen, place(b), key)
+        s, n = s + float(ls), n + float(nt)
+        for k, v in m.items():
+            msum[k] = msum.get(k, 0.0) + float(v)
+    return s / max(n, 1.0), {k: v / max(n, 1.0) for k, v in msum.items()}
+
+
 def evaluate(eval_fn, trainable, frozen, batches: list[dict], place, key) -> float:
     """Mean token loss over batches (eval_fn: jitted loss_fn)."""
-    s = n = 0.0
-    for b in batches:
-        ls, nt, _ = eval_fn(trainable, frozen, place(b), key)
-        s, n = s + float(ls), n + float(nt)
-    return s / max(n, 1.0)
+    return evaluate_metrics(eval_fn, trainable, frozen, batches, place, key)[0]
+
+
+class EpochData:
+    """Fixed micro-batches of a train split, reshuffled every epoch by (seed, epoch); step s holds
+    the epoch's micro-batches [k·accum, (k+1)·accum) (fewer in an epoch's last step). Depends only
+    on the step, as `train`'s exact resume needs."""
+
+    def __init__(self, train_batches: list[dict], val_batches: list[dict], accum: int, seed: int):
+        if not train_batches:
+            raise ValueError("EpochData: no training batches")
+        self.train, self.val, self.accum, self.seed = train_batches, val_batches, accum, seed
+        self.steps_per_epoch = math.ceil(len(train_batches) / accum)
+
+    def micro_batches(self, step: int) -> list[dict]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+        return [self.train[i] for i in order[k * self.accum:(k + 1) * self.accum]]
+
+    def val_batches(self) -> list[dict]:
+        return self.val
 
 
 def train(loss_fn: LossFn, trainable, frozen, data: Data, tc: TrainConfig, out_dir: str, *, mesh=None,
@@ -188,7 +218,8 @@ def train(loss_fn: LossFn, trainable, frozen, data: Data, tc: TrainConfig, out_d
                    **{k: v / max(float(ntok), 1.0) for k, v in msum.items()}}
             last = s + 1 == tc.steps
             if val and ((s + 1) % tc.val_every == 0 or last):
-                row["val_loss"] = evaluate(eval_fn, trainable, frozen, val, place, root)
+                row["val_loss"], vm = evaluate_metrics(eval_fn, trainable, frozen, val, place, root)
+                row.update({f"val_{k}": v for k, v in vm.items()})
                 if meta["best_val"] is None or row["val_loss"] < meta["best_val"]:
                     meta["best_val"], meta["best_step"] = row["val_loss"], s + 1
                     best_mngr.save(s + 1, args=ocp.args.StandardSave(trainable), force=True)
