@@ -12,7 +12,8 @@ and perplexity on the held-out Shakespeare split (16 x 512 tokens) before and af
 This file parses the arguments, resolves the defaults from the offline assets, sets up the process
 (caldera_jax.runtime) and prints; the job itself is caldera_jax.pipeline.compress (read it top to
 bottom for what happens, in order). Interrupt it (even kill -9) and rerun the same command: it
-resumes, and the final checkpoint is byte-identical.
+resumes, and the final checkpoint is byte-identical. A config with a `finetune:` section then
+fine-tunes the checkpoint (caldera_jax.pipeline.finetune) into <out>-finetuned.
 """
 from __future__ import annotations
 
@@ -105,6 +106,15 @@ def main(argv: list[str] | None = None, *, on_layer_done: Callable[[int], None] 
     print("\n" + report.format_table(rep["layers"], rep["summary"]) + "\n", flush=True)
     print(f"checkpoint: {spec.out}  report: {os.path.join(spec.out, 'report', 'report.json')}  "
           f"wall {rep['wall_seconds']:.1f}s", flush=True)
+    ft = pipeline.load_job_config(spec.config).finetune_config()
+    if ft is not None:                       # the config's finetune: section -> <out>-finetuned
+        from caldera_jax.pipeline import finetune
+        fspec = finetune.FinetuneJob(
+            ckpt=spec.out, model=spec.model, calib=spec.calib, out=spec.out.rstrip("/\\") + "-finetuned",
+            config=ft, overwrite=args.overwrite, ppl_tokens=spec.ppl_tokens, ppl_seq_len=spec.ppl_seq_len,
+            ppl_text=spec.ppl_text, progress=spec.progress, command=spec.command + " (finetune: section)")
+        rep["finetune"] = finetune.run(fspec)
+        print(f"fine-tuned checkpoint: {fspec.out}  wall {rep['finetune']['wall_seconds']:.1f}s", flush=True)
     return rep
 
 

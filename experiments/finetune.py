@@ -3,7 +3,7 @@ row scales and the norms trained against the uncompressed model's next-token dis
 
     python -m experiments.finetune --ckpt runs/smollm2 --out runs/smollm2-ft \\
         [--model SOURCE] [--calib TEXT] [--steps 200] [--batch 4] [--accum 1] [--seq-len 256] \\
-        [--lr 2e-4] [--factors ste|requant] [--no-row-scales] [--no-norms] [--mesh dp=2] \\
+        [--lr 1e-3] [--factors ste|requant] [--no-row-scales] [--no-norms] [--mesh dp=2] \\
         [--ppl-tokens 8192] [--overwrite]
 
 Defaults: --model the embedded SmolLM2-135M-Instruct asset, --calib and the held-out text
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--samples", type=int, default=800, help="distinct training windows")
     ap.add_argument("--val-samples", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--factors", default="ste", choices=["ste", "requant"])
     ap.add_argument("--no-row-scales", action="store_true")
     ap.add_argument("--no-norms", action="store_true")

@@ -125,3 +125,26 @@ def test_bad_input_refused_before_work(setup, tmp_path):
     with pytest.raises(FingerprintMismatchError):
         fj.run(dataclasses.replace(job, model=str(tmp_path / "other"), out=str(tmp_path / "b")))
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_compress_config_finetune_section(setup, tmp_path):
+    """A `finetune:` section in the compress config: the job then writes <out>-finetuned; the
+    section is not part of the compression's identity; bad settings are refused before any work."""
+    from caldera_jax.caldera.config import JobConfigError, load_job_config
+    from experiments import compress as cli
+    base = (setup["tmp"] / "cfg.yaml").read_text()
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(base + "finetune: {steps: 4, batch: 4, seq_len: 32, samples: 40, val_samples: 8, lr: 1e-2, "
+                          "val_every: 4, ckpt_every: 4}\n")
+    assert load_job_config(str(cfg)).digest() == load_job_config(str(setup["tmp"] / "cfg.yaml")).digest()
+    out = str(tmp_path / "c")
+    rep = cli.main(["--model", setup["path"], "--config", str(cfg), "--calib", str(setup["tmp"] / "calib.npy"),
+                    "--out", out, "--no-progress"])
+    assert rep["finetune"]["best_step"] == 4
+    ck.load_compressed(out + "-finetuned", setup["path"])
+    (tmp_path / "bad.yaml").write_text(base + "finetune: {steps: 0}\n")
+    with pytest.raises(JobConfigError, match="finetune.steps=0"):
+        cli.main(["--model", setup["path"], "--config", str(tmp_path / "bad.yaml"), "--calib",
+                  str(setup["tmp"] / "calib.npy"), "--out", str(tmp_path / "d"), "--no-progress"])
+    assert not os.path.exists(tmp_path / "d")
+

@@ -15,6 +15,10 @@
       "model.layers.0.*": {b_q: 4}
     protect:                       # globs of matrices kept in bf16 (not compressed)
       - "model.layers.29.*"
+    finetune:                      # optional: fine-tune after decomposition (caldera/finetune.py's
+      steps: 150                   # FinetuneConfig fields); experiments.compress then writes the
+      lr: 1.0e-3                   # fine-tuned checkpoint to <out>-finetuned. Not part of the
+                                   # compression's identity (changing it never redoes a layer).
 
 Precedence (lowest to highest): `defaults`, then every `pattern_overrides` entry whose glob matches
 the matrix name, in file order (a later matching entry overrides the fields it sets; fields it does
@@ -67,7 +71,7 @@ class CalibrationSpec:
 
 CALIB_KEYS = {"calib_samples": "samples", "calib_seq_len": "seq_len",
               "calib_batch_size": "batch_size", "calib_propagate": "propagate"}
-TOP_KEYS = ("defaults", "pattern_overrides", "protect")
+TOP_KEYS = ("defaults", "pattern_overrides", "protect", "finetune")
 
 
 # ------------------------------------------------------------------ which matrices
@@ -121,6 +125,7 @@ class JobConfig:
     pattern_overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     protect: tuple[str, ...] = ()
     source: str = "<config>"     # the YAML file (for messages); not part of the job's identity
+    finetune: tuple[tuple[str, Any], ...] | None = None   # FinetuneConfig fields, or None (no fine-tuning)
 
     # -------------------------------------------------------------- reading
     @classmethod
@@ -192,7 +197,22 @@ class JobConfig:
             protect = [protect]
         if not isinstance(protect, list) or not all(isinstance(p, str) for p in protect):
             raise JobConfigError(f"{source}: 'protect' must be a list of glob strings")
-        return cls(base, calib, tuple(overrides), tuple(protect), source)
+        ft = d.get("finetune")
+        if ft is not None:
+            from caldera_jax.caldera.finetune import FinetuneConfig, FinetuneError
+            if not isinstance(ft, dict):
+                raise JobConfigError(f"{source}: 'finetune' must be a mapping of fine-tuning settings")
+            try:
+                FinetuneConfig.from_dict(ft)
+            except (FinetuneError, TypeError) as e:
+                raise JobConfigError(f"{source}: {e}") from None
+            ft = tuple(sorted(ft.items()))
+        return cls(base, calib, tuple(overrides), tuple(protect), source, ft)
+
+    def finetune_config(self):
+        """The FinetuneConfig of the `finetune:` section, or None."""
+        from caldera_jax.caldera.finetune import FinetuneConfig
+        return None if self.finetune is None else FinetuneConfig.from_dict(dict(self.finetune))
 
     # -------------------------------------------------------------- per matrix
     def is_protected(self, name: str) -> bool:
@@ -242,7 +262,8 @@ class JobConfig:
 
     # -------------------------------------------------------------- identity
     def to_dict(self) -> dict[str, Any]:
-        """The effective config as YAML-shaped plain data (every default filled in)."""
+        """The effective config of the compression as YAML-shaped plain data (every default filled
+        in; without the `finetune:` section, which a fine-tuning job records itself)."""
         d = dataclasses.asdict(self.defaults)
         d.update({k: getattr(self.calibration, v) for k, v in CALIB_KEYS.items()})
         return {"defaults": d,

@@ -56,7 +56,7 @@ class FinetuneConfig:
     seq_len: int = 256
     samples: int = 800              # distinct calibration windows for training
     val_samples: int = 8            # further windows of the calibration text, never trained on
-    lr: float = 2e-4
+    lr: float = 1e-3
     warmup_frac: float = 0.05
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -77,7 +77,22 @@ class FinetuneConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise FinetuneError(f"unknown finetune setting(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return cls(**d).check()
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            v, typ = d[f.name], type(f.default)
+            if typ is float and isinstance(v, str):       # YAML reads 1e-3 (no dot) as a string
+                try:
+                    v = float(v)
+                except ValueError:
+                    pass
+            if typ is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+                raise FinetuneError(f"finetune.{f.name}={v!r}: must be {typ.__name__}")
+            kw[f.name] = v
+        return cls(**kw).check()
 
     def check(self) -> "FinetuneConfig":
         for n in ("steps", "batch", "accum", "seq_len", "samples", "val_samples", "val_every", "ckpt_every"):
