@@ -148,3 +148,21 @@ def test_compress_config_finetune_section(setup, tmp_path):
                   str(setup["tmp"] / "calib.npy"), "--out", str(tmp_path / "d"), "--no-progress"])
     assert not os.path.exists(tmp_path / "d")
 
+
+
+@pytest.mark.parametrize("factors", ["requant", "ste"])
+def test_trainable_view_equals_the_compressed_model(setup, factors):
+    """Before any step the trainable view (float L, R; row scales 1; STE re-rounding the already
+    rounded factors) computes the compressed model's logits, and finalize() of it gives back the
+    same stored weights."""
+    from caldera_jax.caldera.finetune import assemble, factor_formats, finalize, split
+    _, base = ck.load_compressed(setup["ckpt"])
+    ft = dataclasses.replace(FT, factors=factors)
+    trainable, frozen = split(base, ft)
+    tok = jnp.asarray(setup["seq"][:4, :32])
+    ref = forward(base, setup["cfg"], tok)
+    got = jax.jit(lambda t: forward(assemble(t, frozen, ft, factor_formats(base)), setup["cfg"], tok))(trainable)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    back = _qlr(finalize(trainable, base, ft))
+    for n, w in _qlr(base).items():
+        np.testing.assert_allclose(np.asarray(back[n].dequantize()), np.asarray(w.dequantize()), rtol=1e-5, atol=1e-6)

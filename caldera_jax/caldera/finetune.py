@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from caldera_jax.config import ModelConfig
-from caldera_jax.formats import packing, quant
+from caldera_jax.formats import incoherence, packing, quant
 from caldera_jax.formats.qlr_weight import QLRWeight
-from caldera_jax.kernels.qlr import xla_product
 from caldera_jax.models.decoder import forward
 from caldera_jax.params import Params, flatten, unflatten
 
@@ -135,8 +134,17 @@ class TrainableQLR:
     def apply(self, x: jax.Array) -> jax.Array:
         if self.q0.ndim == 3:                            # stacked experts: x [E, ..., n]
             return jax.vmap(lambda xe, we: we.apply(xe))(x, self)
-        q = self.q0 * self.row_scale[:, None]
-        return xla_product(x, q, self.r, self.l, self.signs_in, self.signs_out, self.scale)
+        u = x.astype(jnp.float32)
+        if self.signs_in is not None:
+            u = incoherence.transform_in(u, self.signs_in)
+        # the row scale on Q's outputs, not on Q: its gradient is then a reduction over tokens,
+        # not a weight-sized product per step
+        y = jnp.einsum("...k,ok->...o", u, self.q0) * self.row_scale
+        if self.l is not None:
+            y = y + jnp.einsum("...r,or->...o", jnp.einsum("...k,rk->...r", u, self.r), self.l)
+        if self.signs_out is not None:
+            y = incoherence.transform_out(y, self.signs_out)
+        return (y * self.scale).astype(x.dtype)
 
 
 def _is_norm(name: str) -> bool:

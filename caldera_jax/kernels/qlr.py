@@ -54,10 +54,9 @@ def choose_backend(x: jax.Array, w) -> str:
     return select.choose(x, w)
 
 
-def xla_product(v: jax.Array, q, a, b, s_in, s_out, scale) -> jax.Array:
+def _xla_product(v: jax.Array, q, a, b, s_in, s_out, scale) -> jax.Array:
     """v [..., k] -> scale · fwht_out(fwht_in(v, s_in)·(qᵀ + aᵀ·bᵀ), s_out) with q [o, k], a [r, k],
-    b [o, r] dequantized f32 (a, b None: no low-rank term; signs None: no rotation), in v's dtype.
-    Plain jnp, so differentiable in every float argument (caldera/finetune.py trains through it)."""
+    b [o, r] dequantized f32 (a, b None: no low-rank term; signs None: no rotation), in v's dtype."""
     hi = jax.lax.Precision.HIGHEST
     u = v.astype(jnp.float32)
     if s_in is not None:
@@ -79,7 +78,7 @@ def _xla(x: jax.Array, w) -> jax.Array:
         raise ValueError(f"qlr_linear: x has {x.shape[-1]} features, weight expects {n}")
     so, si = w.signs()
     lr = (None, None) if w.l is None else (packing.dequantize(w.r), packing.dequantize(w.l))
-    return xla_product(x, packing.dequantize(w.q), *lr, si, so, w.scale)
+    return _xla_product(x, packing.dequantize(w.q), *lr, si, so, w.scale)
 
 
 def _xla_transpose(dy: jax.Array, w) -> jax.Array:
@@ -87,7 +86,7 @@ def _xla_transpose(dy: jax.Array, w) -> jax.Array:
     swapped (L first)."""
     so, si = w.signs()
     lr = (None, None) if w.l is None else (packing.dequantize(w.l).T, packing.dequantize(w.r).T)
-    return xla_product(dy, packing.dequantize(w.q).T, *lr, so, si, w.scale)
+    return _xla_product(dy, packing.dequantize(w.q).T, *lr, so, si, w.scale)
 
 
 # qlr_triton is imported when the triton backend is first used, not here: `import triton` is heavy

@@ -48,10 +48,10 @@ from caldera_jax.eval.perplexity import streamed_perplexity, tokenize_text
 from caldera_jax.params import flatten
 from caldera_jax.pipeline.compress import CODE, code_digest, make_mesh, mesh_axes
 from caldera_jax.pipeline.job_dir import JobDir, JobError, check_out_vs_model
-from caldera_jax.train.loop import EpochData, TrainConfig, batch_placer, evaluate_metrics, train
+from caldera_jax.train.loop import EpochData, TrainConfig, batch_placer, evaluate_metrics, save_png, train
 from caldera_jax.train.optim import OptimConfig
 
-FINETUNE_CODE = CODE + ("caldera_jax/train",)
+FINETUNE_CODE = CODE + ("caldera_jax/train", "caldera_jax/pipeline/finetune.py")
 TRAIN_DIR = "finetune"
 
 
@@ -197,10 +197,7 @@ def plot_ppl_by_tokens(rows: list[dict], tokens_per_step: float, path: str) -> N
         ax.legend(fontsize=8)
     ax.set_xlabel("fine-tuning tokens")
     ax.set_ylabel("validation perplexity")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def perplexities(job: FinetuneJob, inp: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:

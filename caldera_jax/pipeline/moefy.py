@@ -64,6 +64,7 @@ from caldera_jax.moefy.layer import derive_layer
 from caldera_jax.moefy.metrics import ffn_recovery, param_counts, routing_stats
 from caldera_jax.params import param_shapes, unflatten
 from caldera_jax.pipeline.compress import MIN_CALIB_TOKENS, check_source_complete
+from caldera_jax.pipeline.compress import code_digest as compress_code_digest
 from caldera_jax.pipeline.job_dir import JobError, check_out_vs_model
 
 WORK = "work"
@@ -157,17 +158,7 @@ CODE = ("caldera_jax/moefy", "caldera_jax/models", "caldera_jax/params.py", "cal
 def code_digest() -> str:
     """sha256 of the sources that decide the derived model's bytes: a job resumes only with the code
     it started with."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    h = hashlib.sha256()
-    for part in CODE:
-        p = os.path.join(root, part)
-        files = [p] if p.endswith(".py") else sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.endswith(".py"))
-        for f in files:
-            h.update(os.path.relpath(f, root).encode() + b"\0")
-            with open(f, "rb") as fh:
-                h.update(hashlib.sha256(fh.read()).digest())
-    return h.hexdigest()
+    return compress_code_digest(CODE)
 
 
 def job_identity(spec: MoefyJob, inp: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:

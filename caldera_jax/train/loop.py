@@ -116,6 +116,11 @@ def plot_curves(rows: list[dict], path: str, smooth: float = 0.9) -> None:
     ax.legend(fontsize=8)
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
+    save_png(fig, path)
+
+
+def save_png(fig, path: str) -> None:
+    """A matplotlib Figure to path, atomically (temporary name, then rename)."""
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
