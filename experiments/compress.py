@@ -3,6 +3,7 @@
     python -m experiments.compress                       # the embedded default (SmolLM2-135M-Instruct)
     python -m experiments.compress --model DIR|FILE.gguf --config CONFIG.yaml --calib DATA \\
         --out DIR [--mesh ep=4[,dp=2]] [--ppl-tokens 8192]
+    python -m experiments.compress ... --avg-bits 2.5 --error-model FIT/error_model.json   # allocate first
 
 With no arguments: SmolLM2-135M-Instruct (experiments.assets), configs/smollm2_default.yaml,
 calibration text from the Shakespeare train split, output runs/compress-smollm2-default/,
@@ -55,8 +56,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile-cache", default=None,
                     help="jax persistent compilation cache directory ('none' disables; default: "
                          "<asset cache>/xla-cache)")
+    ap.add_argument("--avg-bits", type=float, default=None,
+                    help="allocate per-matrix budgets first (experiments.allocate: exact knapsack under this "
+                         "many bits/param of the linears, --config as the base) and compress with them; "
+                         "needs --error-model; the allocated config is written to <out>.alloc.yaml")
+    ap.add_argument("--error-model", help="error_model.json of experiments.fit_error_model (with --avg-bits)")
+    ap.add_argument("--sensitivity", help="sensitivity weights JSON for the allocation (with --avg-bits)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.avg_bits is not None and not args.error_model:
+        ap.error("--avg-bits needs --error-model (python -m experiments.fit_error_model writes it)")
+    if args.avg_bits is None and (args.error_model or args.sensitivity):
+        ap.error("--error-model / --sensitivity are used only with --avg-bits")
     args.default_job = args.model is None
     if args.model is None and args.out is None:
         args.out = DEFAULT_OUT
@@ -93,9 +104,20 @@ def main(argv: list[str] | None = None, *, on_layer_done: Callable[[int], None] 
     runtime.setup(cpu_devices=min(os.cpu_count() or 1, 8) if mesh == {"ep": 0} else math.prod(mesh.values()),
                   compile_cache=args.compile_cache or str(assets.cache_dir() / "xla-cache"))
     fetch = lambda name: assets.fetch(name, progress=not args.no_progress)   # noqa: E731
+    model = args.model or str(fetch(DEFAULT_MODEL))
+    config = args.config or DEFAULT_CONFIG
+    if args.avg_bits is not None:            # allocate, then compress with the allocated config
+        from caldera_jax.pipeline import allocate
+        config = args.out.rstrip("/\\") + ".alloc.yaml"
+        alloc = allocate.run(allocate.AllocateJob(
+            model=model, error_model=args.error_model, config=args.config or DEFAULT_CONFIG, out=config,
+            avg_bits=args.avg_bits, sensitivity=args.sensitivity,
+            command="python -m experiments.compress " + " ".join(argv)))
+        print(f"allocated {alloc['summary']['matrices']} matrices: predicted "
+              f"{alloc['summary']['bits_per_param']:.4f} bits/param -> {config}", flush=True)
     spec = pipeline.CompressJob(
-        model=args.model or str(fetch(DEFAULT_MODEL)),
-        config=args.config or DEFAULT_CONFIG,
+        model=model,
+        config=config,
         calib=args.calib or str(fetch("shakespeare") / "train.txt"),
         out=args.out, mesh=mesh, overwrite=args.overwrite,
         ppl_tokens=args.ppl_tokens, ppl_seq_len=args.ppl_seq_len,

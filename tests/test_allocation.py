@@ -233,6 +233,14 @@ def test_allocate_yaml_loads_and_compresses_to_the_predicted_size(tiny):
     with pytest.raises(AllocationError, match="below the minimum achievable"):
         allocate.run(allocate.AllocateJob(model=tiny["path"], error_model=str(tiny["tmp"] / "fit" / "error_model.json"),
                                           config=tiny["base"], out=yaml_path, avg_bits=1.0))
+    # the same in one command: experiments.compress --avg-bits allocates, then compresses
+    from experiments import compress as cli
+    out = str(tiny["tmp"] / "ck-cli")
+    rep2 = cli.main(["--model", tiny["path"], "--config", tiny["base"], "--calib", tiny["calib"], "--out", out,
+                     "--avg-bits", "5.0", "--error-model", str(tiny["tmp"] / "fit" / "error_model.json"),
+                     "--sensitivity", str(sens), "--no-progress"])
+    assert rep2["summary"]["linear_bits_per_param"] == pytest.approx(s["bits_per_param"], rel=1e-9)
+    assert load_job_config(out + ".alloc.yaml").digest() == load_job_config(yaml_path).digest()
 
 
 def test_sensitivity_one_matrix_at_a_time(tiny, tmp_path):
