@@ -2,7 +2,7 @@
 row scales and the norms trained against the uncompressed model's next-token distribution.
 
     python -m experiments.finetune --ckpt runs/smollm2 --out runs/smollm2-ft \\
-        [--model SOURCE] [--calib TEXT] [--steps 200] [--batch 4] [--accum 1] [--seq-len 256] \\
+        [--model SOURCE] [--calib TEXT] [--steps 150] [--batch 4] [--accum 1] [--seq-len 256] \\
         [--lr 1e-3] [--factors ste|requant] [--no-row-scales] [--no-norms] [--mesh dp=2] \\
         [--ppl-tokens 8192] [--overwrite]
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", help="its source model (default: the embedded SmolLM2 asset)")
     ap.add_argument("--calib", help="calibration text (default: Shakespeare train)")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=256)

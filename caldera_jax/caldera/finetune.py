@@ -49,7 +49,7 @@ class FinetuneError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     """Every setting that decides the fine-tuned checkpoint's bytes."""
-    steps: int = 200
+    steps: int = 150
     batch: int = 4                  # windows per micro-batch
     accum: int = 1                  # micro-batches per optimizer step
     seq_len: int = 256
