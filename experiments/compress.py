@@ -27,7 +27,7 @@ from typing import Any, Callable
 from caldera_jax import runtime
 from caldera_jax.pipeline import compress as pipeline, report
 from caldera_jax.pipeline.job_dir import LOCK_FILE, JobError  # noqa: F401  (part of this CLI's API)
-from experiments import assets
+from experiments import assets, cli
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -141,9 +141,4 @@ def main(argv: list[str] | None = None, *, on_layer_done: Callable[[int], None] 
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (JobError, assets.AssetError, ValueError, FileNotFoundError, PermissionError) as e:
-        # the job's own refusals, config / calibration / checkpoint errors (ValueError subclasses)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cli.run(main)

@@ -18,6 +18,7 @@ import sys
 from caldera_jax import runtime
 from caldera_jax.allocation.options import parse_grid
 from caldera_jax.pipeline import error_sweep as job
+from experiments import cli
 
 
 def _ints(s: str | None):
@@ -61,8 +62,4 @@ def main(argv=None, *, on_record=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cli.run(main)

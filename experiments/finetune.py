@@ -20,14 +20,14 @@ import os
 import sys
 
 from caldera_jax import runtime
-from experiments import assets
-from caldera_jax.pipeline.job_dir import JobError
+from experiments import assets, cli
 from experiments.compress import DEFAULT_MODEL, parse_mesh
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="the compressed checkpoint (experiments.compress --out)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", help="its source model (default: the embedded SmolLM2 asset)")
@@ -74,9 +74,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (JobError, assets.AssetError, ValueError, FileNotFoundError, PermissionError) as e:
-        # the job's refusals; FinetuneError / CheckpointError / CalibrationError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cli.run(main)

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from caldera_jax.pipeline import fit_error_model as job
+from experiments import cli
 
 
 def main(argv=None) -> dict:
@@ -37,8 +38,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cli.run(main)

@@ -26,8 +26,7 @@ from typing import Any
 from caldera_jax import runtime
 from caldera_jax.moefy import MoefyConfig, MoefyError
 from caldera_jax.pipeline import moefy as pipeline
-from caldera_jax.pipeline.job_dir import JobError
-from experiments import assets
+from experiments import assets, cli
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The reference MoE's settings (the `smollm2-moe` asset) are MoefyConfig's defaults.
@@ -111,9 +110,4 @@ def main(argv: list[str] | None = None, callbacks: pipeline.Callbacks | None = N
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (JobError, assets.AssetError, ValueError, FileNotFoundError, PermissionError) as e:
-        # the job's own refusals; moefy / config / calibration / checkpoint errors are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cli.run(main)

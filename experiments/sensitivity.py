@@ -17,6 +17,7 @@ import os
 import sys
 
 from caldera_jax import runtime
+from experiments import cli
 
 
 def parse_probe(s: str) -> tuple[int, int]:
@@ -63,8 +64,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cli.run(main)
