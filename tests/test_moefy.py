@@ -24,6 +24,7 @@ from caldera_jax.models import forward, generate
 from caldera_jax.moefy import MoefyConfig, MoefyError, convert
 from caldera_jax.moefy.activations import ffn_inputs
 from caldera_jax.moefy.cluster import balanced_kmeans, check_clusters, coactivation_features, weight_features
+from caldera_jax.pipeline.job_dir import JobError
 from experiments import assets
 from experiments import moefy as cli
 from tests.hf_tiny import tiny_hf_model
@@ -168,10 +169,10 @@ def test_bad_inputs_refused_before_any_work(setup, tmp_path):
         assert not out.exists(), msg
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "notes.txt").write_text("mine")
-    with pytest.raises(cli.JobError, match="is not a moefy job's directory"):
+    with pytest.raises(JobError, match="is not a moefy job's directory"):
         cli.main(argv(setup, tmp_path / "theirs"))
     assert os.listdir(tmp_path / "theirs") == ["notes.txt"]
-    with pytest.raises(cli.JobError, match=r"inside it"):
+    with pytest.raises(JobError, match=r"inside it"):
         cli.main(argv(setup, os.path.join(setup["path"], "moe")))
 
 
@@ -197,7 +198,7 @@ def test_crash_then_rerun_is_byte_identical(setup, reference):
     cli.main(argv(setup, out), cli.pipeline.Callbacks(on_step=lambda i, r: steps.append(i)))
     assert steps == [3, 4, 5, 6]                           # resumed from the step-2 checkpoint
     assert hf_bytes(out) == hf_bytes(reference[0])
-    with pytest.raises(cli.JobError, match=r"holds a different moefy job \(moefy_config differ\)"):
+    with pytest.raises(JobError, match=r"holds a different moefy job \(moefy_config differ\)"):
         cli.main(argv(setup, out, extra=["--seed", "1"]))
 
 
