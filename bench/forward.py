@@ -3,7 +3,8 @@
     python -m bench.forward [--model DIR] [--repeats 5] [--out bench/results/forward.json]
 
 Rows: prefill forward at batch x 512 tokens (tokens/s), and one decode step with a KV cache of 512
-filled slots (tokens/s = batch / step time). Medians of `--repeats` runs after a warm-up (the
+filled slots (tokens/s = batch / step time). Forward rows also give both sides' model GFLOP/s
+(`flops_per_token`), to set against the CPU's peak. Medians of `--repeats` runs after a warm-up (the
 warm-up includes our jit compilation, reported separately). float32 on both sides.
 """
 from __future__ import annotations
@@ -27,6 +28,31 @@ def _torch_model(model_dir: str, threads: int):
     torch.set_num_threads(threads)
     return torch, AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
                                                        dtype=torch.float32).eval()
+
+
+def flops_per_token(cfg, context: int) -> float:
+    """Model FLOPs of one token's forward (2 per multiply-add): every linear, the LM head, and
+    attention's scores and weighted sum over `context` positions (not halved for the causal mask,
+    the usual MFU convention)."""
+    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+    per_layer = 2 * (H * q + 2 * H * kv + q * H + 3 * H * I) + 4 * context * q
+    return cfg.num_hidden_layers * per_layer + 2 * H * cfg.vocab_size
+
+
+def _matmul_row(torch, repeats: int, n: int = 2048) -> dict:
+    """The machine's practical float32 peak: one n x n x n matmul, jnp.dot vs torch.mm (GFLOP/s);
+    the forward rows' GFLOP/s read against it."""
+    a = np.random.default_rng(1).standard_normal((n, n), np.float32)
+    ja, ta = jnp.asarray(a), torch.from_numpy(a)
+    dot = jax.jit(jnp.dot)
+    dot(ja, ja).block_until_ready()
+    ours, _ = median_time(lambda: dot(ja, ja).block_until_ready(), repeats)
+    with torch.inference_mode():
+        theirs, _ = median_time(lambda: torch.mm(ta, ta), repeats)
+    gf = 2 * n ** 3 / 1e9
+    return {"op": f"matmul {n}^3", "batch": 1, "tokens": n, "speedup": theirs / ours,
+            "ours_gflop_s": gf / ours, "hf_gflop_s": gf / theirs}
 
 
 def main(argv=None) -> None:
@@ -59,8 +85,10 @@ def main(argv=None) -> None:
         compile_s = time.perf_counter() - t0
         ours, _ = median_time(ours_fwd, args.repeats)
         theirs, _ = median_time(theirs_fwd, args.repeats)
+        gf = flops_per_token(cfg, T) / 1e9
         rows.append({"op": "forward", "batch": B, "tokens": T, "ours_tok_s": B * T / ours,
-                     "hf_tok_s": B * T / theirs, "speedup": theirs / ours, "ours_compile_s": compile_s})
+                     "hf_tok_s": B * T / theirs, "speedup": theirs / ours, "ours_compile_s": compile_s,
+                     "ours_gflop_s": gf * B * T / ours, "hf_gflop_s": gf * B * T / theirs})
 
         # decode: one token appended to a cache holding T prompt tokens
         steps = args.repeats * 4 + 1
@@ -82,8 +110,10 @@ def main(argv=None) -> None:
         theirs_d, _ = median_time(theirs_dec, args.repeats * 4)
         rows.append({"op": "decode_step", "batch": B, "tokens": T, "ours_tok_s": B / ours_d,
                      "hf_tok_s": B / theirs_d, "speedup": theirs_d / ours_d})
+    rows.append(_matmul_row(torch, args.repeats))
     write_report(args.out, "forward", rows,
-                 ["op", "batch", "tokens", "ours_tok_s", "hf_tok_s", "speedup", "ours_compile_s"],
+                 ["op", "batch", "tokens", "ours_tok_s", "hf_tok_s", "speedup", "ours_gflop_s", "hf_gflop_s",
+                  "ours_compile_s"],
                  {"model": args.model, "dtype": "float32", "repeats": args.repeats})
 
 

@@ -2,7 +2,7 @@
 of 8 derived, perplexity of dense and MoE on the same held-out tokens, derivation time, parameters
 active per token, forward tokens/s of dense and MoE.
 
-    python -m bench.moefy_smollm2 [--runs runs/moefy-bench] [--skip-compare] [--repeats 5]
+    python -m bench.moefy_smollm2 [--runs runs/moefy-bench] [--skip-compare] [--top-k 2,4] [--repeats 5]
 
 Rows:
   fit-<clustering>   clustering + router fit only (no local training, no distillation): how much of
@@ -13,7 +13,8 @@ Rows:
   speed              forward tokens/s, batch x 512 tokens, float32, our decoder (dense model; the
                      MoE through the dense reference MoE block, which runs every expert on every
                      token and weights the chosen ones: no sparse kernel yet)
-Each job writes its run directory under --runs (a rerun reuses finished jobs). JSON:
+Each job writes its run directory under --runs (a rerun reuses finished jobs, so the rows can be
+measured one at a time, e.g. `--skip-compare --top-k 2` alone on the machine for its time). JSON:
 bench/results/moefy_smollm2.json.
 """
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs/moefy-bench")
     ap.add_argument("--skip-compare", action="store_true", help="only the two full derivations and the speed")
+    ap.add_argument("--top-k", dest="top_k", default="2,4", help="the full derivations to run (comma-separated top-k)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default="bench/results/moefy_smollm2.json")
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
         for c in ("coactivation", "weights"):
             mc = dataclasses.replace(base, clustering=c, local_steps=0, distill_steps=0)
             rows.append(_job(f"fit-{c}", mc, args.runs, model, corpus))
-    for k in (2, 4):
+    for k in [int(k) for k in args.top_k.split(",")]:
         rows.append(_job(f"e8k{k}", dataclasses.replace(base, top_k=k), args.runs, model, corpus))
     rows += _speed({"dense": model, **{r["row"]: r["out"] for r in rows if r["row"].startswith("e8")}},
                    args.batch, args.repeats)
