@@ -139,3 +139,12 @@ def with_smollm2_tokenizer(model_dir) -> str:
         if (src / f).exists():
             shutil.copy(src / f, model_dir)
     return str(model_dir)
+
+
+def tiny_llama_dir(root, max_position_embeddings: int = 512) -> str:
+    """A tiny random llama (vocab TOKENIZER_VOCAB + 3) with the character tokenizer, saved as a HF
+    directory under root; returns its path."""
+    path, _ = tiny_hf_model("llama", root, vocab_size=TOKENIZER_VOCAB + 3,
+                            max_position_embeddings=max_position_embeddings)
+    save_tiny_tokenizer(path)
+    return path

@@ -221,11 +221,8 @@ def test_aggregate_matches_hand_computation():
 # ------------------------------------------------------------------ the CLI, on a tiny random model
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.hf_tiny import TOKENIZER_VOCAB, save_tiny_tokenizer, tiny_hf_model
-    path, _ = tiny_hf_model("llama", tmp_path_factory.mktemp("goodhart"), vocab_size=TOKENIZER_VOCAB + 3,
-                            max_position_embeddings=2048)
-    save_tiny_tokenizer(path)
-    return path
+    from tests.hf_tiny import tiny_llama_dir
+    return tiny_llama_dir(tmp_path_factory.mktemp("goodhart"), max_position_embeddings=2048)
 
 
 def test_cli_end_to_end_and_resume(tiny, tmp_path, monkeypatch, capsys):

@@ -17,7 +17,7 @@ import pytest
 from caldera_jax.lmeval import engine, tasks_dir
 from caldera_jax.lmeval.adapter import NAME, register
 from caldera_jax.models import forward, generate
-from tests.hf_tiny import TOKENIZER_VOCAB, save_tiny_tokenizer, tiny_hf_model
+from tests.hf_tiny import tiny_hf_model, tiny_llama_dir
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint_v1")
 
@@ -25,10 +25,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint_v1")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random llama (vocab 104) with the character tokenizer, saved as a HF directory."""
-    path, _ = tiny_hf_model("llama", tmp_path_factory.mktemp("lmeval"), vocab_size=TOKENIZER_VOCAB + 3,
-                            max_position_embeddings=512)
-    save_tiny_tokenizer(path)
-    return path
+    return tiny_llama_dir(tmp_path_factory.mktemp("lmeval"), max_position_embeddings=512)
 
 
 @pytest.fixture(scope="module")
