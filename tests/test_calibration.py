@@ -203,3 +203,29 @@ def test_calibration_tokens_files(tmp_path):
         calibration_tokens(str(txt), None, samples=1, seq_len=4)
     with pytest.raises(CalibrationError, match="vocab"):
         calibration_tokens(str(npy), samples=8, seq_len=4, vocab_size=5)
+
+
+def test_calibration_tokens_chat_rows(tmp_path):
+    """A .jsonl of {"messages": ...} (experiments.selfchat's rows) is rendered with the model's chat
+    template; a row with neither "text" nor "messages", or a malformed conversation, names its line."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.hf_tiny import save_tiny_tokenizer
+    tok = AutoTokenizer.from_pretrained(save_tiny_tokenizer(tmp_path / "tok"))
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
+    jl = tmp_path / "chat.jsonl"
+    jl.write_text(json.dumps({"id": "a", "messages": chat}) + "\n" + json.dumps({"text": "plain"}) + "\n")
+    t, m = calibration_tokens(str(jl), tok, samples=8, seq_len=64)
+    want = tok("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n",
+               add_special_tokens=False)["input_ids"]
+    assert m.sum(1).tolist() == [len(want), 5]
+    assert t[0, :len(want)].tolist() == want
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(CalibrationError, match=r"bad.jsonl: line 2: .*messages"):
+        calibration_tokens(str(bad), tok, samples=8, seq_len=64)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
+    with pytest.raises(CalibrationError, match=r"line 1: .*no_assistant"):
+        calibration_tokens(str(bad), tok, samples=8, seq_len=64)

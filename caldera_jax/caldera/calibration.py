@@ -294,14 +294,32 @@ def calibrate(source, tokens, mask=None, *, batch_size: int = 8, mesh=None) -> d
 
 
 # ------------------------------------------------------------------ calibration data
+def _jsonl_text(path: str, ln: int, line: str, tokenizer) -> str:
+    """One calibration .jsonl line -> its text: "text" as is, "messages" through the chat template."""
+    from caldera_jax.data.chat import BadRecord, check_messages
+    try:
+        row = json.loads(line)
+        if "text" in row:
+            if not isinstance(row["text"], str):
+                raise TypeError(f"\"text\" is {type(row['text']).__name__}, not a string")
+            return row["text"]
+        if "messages" in row:
+            return tokenizer.apply_chat_template(check_messages(row["messages"]), tokenize=False)
+        raise KeyError("neither \"text\" nor \"messages\"")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, BadRecord) as e:
+        raise CalibrationError(f"{path}: line {ln}: expected {{\"text\": ...}} or {{\"messages\": [...]}} "
+                               f"({e!r})") from e
+
+
 def calibration_tokens(path: str, tokenizer=None, *, samples: int, seq_len: int,
                        vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [N, seq_len] int32, mask [N, seq_len] bool) from a calibration file:
 
     - .txt: `samples` windows of seq_len tokens, from evenly spaced places in the text (each starts
       at a line start); no padding.
-    - .jsonl: one sequence per line's "text" field (first `samples` lines), truncated to seq_len
-      and right-padded (mask 0).
+    - .jsonl: one sequence per line (first `samples` lines), truncated to seq_len and right-padded
+      (mask 0): a "text" field as plain text, or a "messages" conversation (experiments.selfchat's
+      rows) rendered with the tokenizer's chat template, system prompt and turn markers included.
     - .npy: an int array [N, T] of token ids (negative = padding); first `samples` rows, T cut to
       seq_len. Needs no tokenizer.
     Deterministic. Errors name the file."""
@@ -329,10 +347,7 @@ def calibration_tokens(path: str, tokenizer=None, *, samples: int, seq_len: int,
                     if len(docs) >= samples:
                         break
                     if line.strip():
-                        try:
-                            docs.append(json.loads(line)["text"])
-                        except (json.JSONDecodeError, KeyError, TypeError) as e:
-                            raise CalibrationError(f"{path}: line {ln}: expected {{\"text\": ...}} ({e!r})") from e
+                        docs.append(_jsonl_text(path, ln, line, tokenizer))
             rows = [enc(d)[:seq_len] for d in docs]
         else:
             with open(path, encoding="utf-8") as f:
