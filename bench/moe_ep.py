@@ -159,10 +159,11 @@ def prepare(codec, decoder: str, cfg, base_params, x, r, mesh, capacity_factor: 
            "xla_gflop": float((compiled.cost_analysis() or {}).get("flops", float("nan"))) / 1e9,
            "codec_flop_tok": sum(codec_flops(codec, cfg, i, folded[i], n, ep) for i in range(2)) / 2,
            "moe_flop_tok": moe_flops(cfg),
-           "row_B": per_layer[1]["moe_dispatch"] / rows,
+           # at ep=1 XLA drops the all-to-alls: no wire bytes to read (None)
+           "row_B": per_layer[1]["moe_dispatch"] / rows if ep > 1 else None,
            "ids_B_row": per_layer[1].get("moe_token_ids", 0.0) / rows,
            "stale_B_tok": per_layer[0].get("moe_stale", 0.0) / n,
-           "combine_B_row": per_layer[1]["moe_combine"] / rows,
+           "combine_B_row": per_layer[1]["moe_combine"] / rows if ep > 1 else None,
            "other_collective_B": sum(v for layer in per_layer for s, v in layer.items()
                                      if s not in ("moe_dispatch", "moe_combine", "moe_stale", "moe_token_ids"))}
     return {"row": row, "run": (lambda: jax.block_until_ready(compiled(params, x, r))) if run else None}
@@ -233,7 +234,8 @@ ASSUMPTIONS = [
     "conditioned layers send an int32 token id per row",
     "bandwidths: DeepEP published all-to-all figures, ~150 GB/s NVLink intranode (ep=8), "
     "~45-90 GB/s RDMA internode (ep=16, 64)",
-    "GPU figures (ep=1 on one GPU, real NVLink all-to-all) are missing: no GPU was lent to this session",
+    "real all-to-all over NVLink is not measured (one GPU at most was lent: `--ep 1` on it times the "
+    "codecs without communication; bench/gpu_check.sh)",
 ]
 
 
@@ -302,13 +304,14 @@ def main(argv=None) -> None:
     for row in rows:
         row["codec_flop_pct"] = 100 * row["codec_flop_tok"] / row["moe_flop_tok"]
         row["xla_flop_delta_pct"] = 100 * (row["xla_gflop"] / ident["xla_gflop"] - 1)
-        row["wire_vs_bf16"] = row["row_B"] / ident["row_B"]
-    projection = [p for row in rows for p in project(row, ident)]
+        row["wire_vs_bf16"] = row["row_B"] / ident["row_B"] if row["row_B"] is not None else None
+    projection = [p for row in rows for p in project(row, ident)] if ident["row_B"] is not None else []
     cols = ["codec", "folded", "layer_ms", "time_vs_identity", "layer_cpu_ms", "cpu_vs_identity", "codec_flop_pct", "xla_flop_delta_pct", "row_B",
             "wire_vs_bf16", "ids_B_row", "stale_B_tok", "combine_B_row", "dropped"]
-    print("\nprojection (paper):")
-    _table(projection, ["codec", "ep", "link", "GB_s", "B_tok_layer", "comm_us_layer", "saved_us_layer",
-                        "saved_ms_48_layers", "saved_pct"])
+    print("\nprojection (paper):" + ("" if projection else " none at ep=1 (no all-to-all)"))
+    if projection:
+        _table(projection, ["codec", "ep", "link", "GB_s", "B_tok_layer", "comm_us_layer", "saved_us_layer",
+                            "saved_ms_48_layers", "saved_pct"])
     print("\nassumptions:\n" + "\n".join(f"  - {a}" for a in ASSUMPTIONS))
     print("\nmeasured:")
     write_report(args.out, "moe_ep", rows, cols,

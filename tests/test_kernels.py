@@ -319,6 +319,18 @@ def test_triton_backend_through_jax_triton():
     ok, why = qlr_triton.available()
     if not ok:
         pytest.skip(f"GPU only: {why}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # this process imported triton in interpreter mode (set above for the kernel-body tests): its
+        # @triton.jit functions are interpreted ones, which jax-triton refuses ("`kernel` must be a
+        # Triton `JITFunction`", seen on an H200): the same test in a fresh process, interpreter off
+        import subprocess
+        import sys
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"{__file__}::test_triton_backend_through_jax_triton"], env=env, capture_output=True,
+                           text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+        return
     w = _weight("e8p2+u4g4 r5 inco")
     for rows, dt in ((1, jnp.bfloat16), (70, jnp.bfloat16), (16, jnp.float32)):
         x = _x(rows, w.shape[1], dt)

@@ -22,7 +22,8 @@ masked back (& 0xFFFF), so the same kernel runs on jax arrays (unsigned) and on 
 
 Where it runs:
   * GPU: `qlr_forward` / `qlr_transpose` through jax_triton.triton_call (jax-triton 0.3.1 with
-    triton 3.6 on the GPU image). Not verified here: no GPU was lent to this work.
+    triton 3.6 on the GPU image). On an H200 (2026-12-04) it runs in bench.qlr_linear; its test
+    needs a process without TRITON_INTERPRET (tests/test_kernels.py starts one), not yet rerun there.
   * CPU: the raw kernel runs in Triton's interpreter (TRITON_INTERPRET=1, torch CPU tensors):
     `run_interpreted` below, used by tests/test_kernels.py. One deviation: triton 3.6's
     interpreter keeps bfloat16 as raw uint16 and its tl.dot does np.matmul on those bits
