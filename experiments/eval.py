@@ -36,6 +36,9 @@ def _parse(argv):
     ap.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
     ap.add_argument("--apply-chat-template", action="store_true")
     ap.add_argument("--fewshot-as-multiturn", action="store_true")
+    ap.add_argument("--codec", default="none", help="MoE models: a fixed codec (int8, int4, int2, fp8, ...) or a "
+                    "trained codec directory around the expert-parallel all-to-all (caldera-jax only)")
+    ap.add_argument("--router-mode", default=None, choices=("compressed", "uncompressed"))
     ap.add_argument("--lm", default="caldera-jax", choices=("caldera-jax", "hf"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-cache", action="store_true", help="do not read or write the request cache")
@@ -48,7 +51,9 @@ def _model(args, key: str):
     if args.lm == "caldera-jax":
         from caldera_jax.lmeval.adapter import register
         return register()(path=args.model, source=args.source, dtype=args.dtype, batch_size=args.batch_size,
-                          max_length=args.max_length)
+                          max_length=args.max_length, codec=args.codec, router_mode=args.router_mode)
+    if args.codec != "none":
+        raise SystemExit("--codec runs in our JAX model only (--lm caldera-jax)")
     from caldera_jax.checkpoints_io import compressed as ck
     if not os.path.isdir(args.model) or os.path.isfile(os.path.join(args.model, ck.CONFIG_FILE)):
         raise SystemExit(f"{args.model}: --lm hf needs a HF directory (export a CALDERA checkpoint with "
@@ -67,6 +72,9 @@ def main(argv=None) -> dict:
     from caldera_jax.lmeval.model import identity, model_key
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     ident = identity(args.model, args.dtype)
+    if args.codec != "none":
+        from caldera_jax.moe.codec_spec import codec_identity
+        ident = {**ident, **codec_identity(args.codec), "router_mode": args.router_mode}
     key = model_key(ident)
     out = os.path.abspath(args.out or os.path.join("runs", "eval", os.path.basename(ident["path"].rstrip("/"))))
     if os.path.isfile(out):
@@ -94,7 +102,9 @@ def main(argv=None) -> dict:
     res["caldera"] = {"lm": args.lm, "model": ident, "model_key": key, "wall_s": round(wall, 2),
                       "examples": examples, "s_per_100_examples": round(100 * wall / max(examples, 1), 2),
                       "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    name = f"{args.lm}-{'+'.join(tasks)}" + (f"-limit{args.limit:g}" if args.limit else "")
+    name = (f"{args.lm}-{'+'.join(tasks)}" + (f"-limit{args.limit:g}" if args.limit else "")
+            + ("" if args.codec == "none" else f"-codec-{os.path.basename(args.codec.rstrip('/'))}")
+            + (f"-router-{args.router_mode}" if args.router_mode else ""))
     path = os.path.join(out, name + ".json")
     atomic_write_bytes(path, (json.dumps(res, indent=1, default=handle_non_serializable, ensure_ascii=False)
                               + "\n").encode())

@@ -229,3 +229,6 @@ def test_calibration_tokens_chat_rows(tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
     with pytest.raises(CalibrationError, match=r"line 1: .*no_assistant"):
         calibration_tokens(str(bad), tok, samples=8, seq_len=64)
+    tok.chat_template = None                     # a tokenizer without a template: the line is named
+    with pytest.raises(CalibrationError, match=r"chat.jsonl: line 1: .*template_error"):
+        calibration_tokens(str(jl), tok, samples=8, seq_len=64)

@@ -36,9 +36,16 @@ def _job(setup, out, **kw):
     return tc.CompressorJob(**{**base, **kw})
 
 
-def test_training_lowers_the_validation_loss_and_saves_a_reloadable_codec(setup):
+@pytest.fixture(scope="module")
+def trained(setup):
+    """The 4x codec trained by the first test (run.json holds its record)."""
     out = setup["tmp"] / "run"
-    rec = tc.run(_job(setup, out), log=lambda s: None)
+    tc.run(_job(setup, out), log=lambda s: None)
+    return out, json.loads((out / tc.RUN_JSON).read_text())
+
+
+def test_training_lowers_the_validation_loss_and_saves_a_reloadable_codec(setup, trained):
+    out, rec = trained
     assert rec["val_loss_best"] < rec["val_loss_before"] - 0.05, rec
     assert rec["data"]["split_records"] == {"train": 48, "val": 6, "test": 6}
     w = load_file(str(out / tc.CODEC_FILE))
@@ -84,3 +91,50 @@ def test_offline_collect_and_fit(setup):
     rec = tc.run(_job(setup, setup["tmp"] / "e2e-off", init=f"offline:{setup['tmp'] / 'off'}", max_steps=1,
                       lr=1e-9), log=lambda s: None)
     assert rec["val_loss_before"] > 0
+
+
+def test_trained_codec_evaluates_as_it_was_validated(setup, trained):
+    """A trained codec directory, read back by experiments.perplexity (response-only, the same
+    seed-42 val split): its loss equals training's best validation loss (trained on dp=2 x ep=2,
+    evaluated on one device); the identity codec through the expert-parallel layer equals no codec;
+    INT2 on the wire costs loss; the lm-eval adapter scores with the codec."""
+    from experiments import perplexity
+    out, rec = trained
+    common = ["--model", setup["model"], "--data", setup["data"], "--split", "val", "--seq-len", "64"]
+    res = perplexity.main(common + ["--codec", str(out), "--out", str(setup["tmp"] / "ppl.json")])
+    np.testing.assert_allclose(res["nll"], rec["val_loss_best"], rtol=2e-5)
+    assert res["codec_name"] == "learned-4x" and res["router_mode"] == "compressed"
+    assert json.loads((setup["tmp"] / "ppl.json").read_text())["nll"] == res["nll"]
+    none = perplexity.main(common)
+    ident = perplexity.main(common + ["--codec", "identity"])
+    np.testing.assert_allclose(ident["nll"], none["nll"], rtol=1e-5)
+    assert ident["tokens"] == none["tokens"] == res["tokens"] > 0
+    int2 = perplexity.main(common + ["--codec", "int2"])
+    assert int2["nll"] > none["nll"] + 0.01, (int2, none)
+
+    from caldera_jax.lmeval.adapter import register
+    from lm_eval.api.instance import Instance
+    reqs = [Instance("loglikelihood", {}, ("Add 3 and 4.", " 3 plus 4 is 7."), 0)]
+    got = {c: register()(path=setup["model"], codec=c, batch_size=2).loglikelihood(reqs)[0][0]
+           for c in ("none", "identity", str(out))}
+    np.testing.assert_allclose(got["identity"], got["none"], rtol=1e-5)
+    assert abs(got[str(out)] - got["none"]) > 1e-4, got
+
+
+def test_a_codec_from_another_model_is_refused_naming_its_file(setup, trained, tmp_path):
+    import shutil
+
+    from caldera_jax.checkpoints_io.hf import load_hf
+    from caldera_jax.moe.codec_spec import CodecSpecError, load_codec
+    cfg, _ = load_hf(setup["model"])
+    bad = tmp_path / "other"
+    shutil.copytree(trained[0], bad, ignore=shutil.ignore_patterns("train"))
+    desc = json.loads((bad / tc.CODEC_JSON).read_text())
+    (bad / tc.CODEC_JSON).write_text(json.dumps({**desc, "hidden_size": 64}))
+    with pytest.raises(CodecSpecError, match=r"codec\.json: trained for hidden_size=64"):
+        load_codec(str(bad), cfg)
+    (bad / tc.CODEC_JSON).write_text(json.dumps({**desc, "ratio": 8}))
+    with pytest.raises(CodecSpecError, match=r"codec\.safetensors: .*shape"):
+        load_codec(str(bad), cfg)
+    with pytest.raises(CodecSpecError, match="neither a fixed codec"):
+        load_codec(str(tmp_path / "nowhere"), cfg)

@@ -296,7 +296,7 @@ def calibrate(source, tokens, mask=None, *, batch_size: int = 8, mesh=None) -> d
 # ------------------------------------------------------------------ calibration data
 def _jsonl_text(path: str, ln: int, line: str, tokenizer) -> str:
     """One calibration .jsonl line -> its text: "text" as is, "messages" through the chat template."""
-    from caldera_jax.data.chat import BadRecord, check_messages
+    from caldera_jax.data.chat import BadRecord, render_chat
     try:
         row = json.loads(line)
         if "text" in row:
@@ -304,9 +304,9 @@ def _jsonl_text(path: str, ln: int, line: str, tokenizer) -> str:
                 raise TypeError(f"\"text\" is {type(row['text']).__name__}, not a string")
             return row["text"]
         if "messages" in row:
-            return tokenizer.apply_chat_template(check_messages(row["messages"]), tokenize=False)
+            return render_chat(tokenizer, row["messages"])
         raise KeyError("neither \"text\" nor \"messages\"")
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, BadRecord) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, BadRecord) as e:
         raise CalibrationError(f"{path}: line {ln}: expected {{\"text\": ...}} or {{\"messages\": [...]}} "
                                f"({e!r})") from e
 

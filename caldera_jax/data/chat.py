@@ -49,6 +49,12 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
                         f"({type(e).__name__}: {e})") from e
 
 
+def render_chat(tokenizer, messages: Any) -> str:
+    """A whole conversation as the chat template writes it (checked by check_messages; a template
+    that fails, or a tokenizer without one, is a BadRecord)."""
+    return _render(tokenizer, check_messages(messages), False)
+
+
 def check_messages(messages: Any) -> list[dict]:
     """messages: a list of {"role": system|user|assistant, "content": non-empty str} with at least
     one assistant turn; BadRecord otherwise."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from caldera_jax.config import ModelConfig
 from caldera_jax.models.decoder import (default_positions, final_logits, forward, representative_layer,
                                         standalone_layer)
 from caldera_jax.models.hooks import Ctx, Hooks
+from caldera_jax.train.loop import token_nll
 from caldera_jax.params import unflatten
 
 
@@ -63,6 +64,27 @@ def perplexity(logits_fn: Callable[[np.ndarray], jax.Array], token_ids: np.ndarr
 def model_perplexity(params, cfg: ModelConfig, token_ids: np.ndarray, **kw) -> dict:
     """Perplexity of our model (jitted forward) on a token stream; kw as in `perplexity`."""
     return perplexity(lambda b: forward(params, cfg, jnp.asarray(b, jnp.int32)), token_ids, **kw)
+
+
+_token_nll = jax.jit(token_nll)
+
+
+def response_perplexity(params, cfg: ModelConfig, batches: Iterable[dict[str, np.ndarray]],
+                        hooks: Hooks = Hooks(), desc: str = "response perplexity") -> dict:
+    """Response-only perplexity of chat examples: batches of input_ids / attention_mask / labels
+    [B, T] (caldera_jax.data.batching.padded_batches; labels -100 outside assistant turns).
+    Position t's logits predict labels[t + 1]. Returns {ppl, nll, tokens, sequences}."""
+    total, count, seqs = 0.0, 0, 0
+    for b in tqdm(list(batches), desc=desc, unit="batch", leave=False):
+        logits = forward(params, cfg, jnp.asarray(b["input_ids"], jnp.int32), jnp.asarray(b["attention_mask"]),
+                         hooks=hooks)
+        s, n = _token_nll(logits, jnp.asarray(b["labels"]))
+        total, count = total + float(s), count + int(n)
+        seqs += int(np.any(np.asarray(b["labels"])[:, 1:] >= 0, axis=1).sum())
+    if count == 0:
+        raise ValueError("response_perplexity: no response tokens in the batches")
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "sequences": seqs}
 
 
 # ------------------------------------------------------------------ one layer in memory at a time

@@ -11,7 +11,10 @@ the model a checkpoint was built from (its fingerprint is checked); dtype: float
 batch_size: contexts (scoring; their choices ride along) or prompts (generation) per compiled
 call (default 8); max_length: the context length (default the model's max_position_embeddings,
 as lm-eval's hf model); max_gen_toks (default 256); decode_chunk: decode steps between
-stop-sequence checks (default 16); add_bos_token: as lm-eval's hf model. Tests may pass
+stop-sequence checks (default 16); add_bos_token: as lm-eval's hf model; codec: for an MoE
+model, a fixed codec name (int8, int4, int2, fp8, ...) or a trained codec directory, run around the
+expert-parallel all-to-all (caldera_jax/moe/codec_spec.py); router_mode: compressed |
+uncompressed (default: the codec's own). Tests may pass
 model=EvalModel or (cfg, params) and tokenizer= instead of path.
 
 Requests are scored and decoded as lm-eval's hf backend does them (same tokenization, left
@@ -31,6 +34,7 @@ from typing import Any
 
 from caldera_jax.lmeval import engine
 from caldera_jax.lmeval.model import EvalModel, open_model
+from caldera_jax.moe.codec_spec import attach, load_codec
 
 NAME = "caldera-jax"
 
@@ -57,7 +61,8 @@ def lm_class() -> type:
         def __init__(self, path: str | None = None, source: str | None = None, dtype: str = "float32",
                      batch_size: Any = 8, max_length: int | None = None, max_gen_toks: int = 256,
                      decode_chunk: int = 16, add_bos_token: bool | None = None, pretrained: str | None = None,
-                     model: Any = None, tokenizer: Any = None, **_ignored: Any):
+                     model: Any = None, tokenizer: Any = None, codec: str | None = None,
+                     router_mode: str | None = None, **_ignored: Any):
             super().__init__()
             path = path or pretrained
             if model is None:
@@ -69,7 +74,10 @@ def lm_class() -> type:
                     raise ValueError(f"{NAME}: model=(cfg, params) needs tokenizer=")
                 model = EvalModel(model[0], model[1], tokenizer, {"kind": "memory", "dtype": dtype})
             self.model = model
-            self.cfg, self.params, self.tokenizer = model.cfg, model.params, model.tokenizer
+            self.cfg, self.tokenizer = model.cfg, model.tokenizer
+            self.codec = load_codec(codec or "none", self.cfg)
+            self.params, self.hooks = attach(self.codec, self.cfg, model.params, router_mode)
+            self.router_mode = None if self.codec.codec is None else (router_mode or self.codec.router_mode)
             self.add_bos_token = add_bos_token
             self._max_length = int(max_length or self.cfg.max_position_embeddings)
             self._max_gen_toks = int(max_gen_toks)
@@ -125,7 +133,8 @@ def lm_class() -> type:
 
         def get_model_info(self) -> dict[str, Any]:
             return {"model_kind": self.model.identity.get("kind"), "model_key": self.model.key,
-                    "model_dtype": self.model.identity.get("dtype")}
+                    "model_dtype": self.model.identity.get("dtype"), "codec": self.codec.identity,
+                    "router_mode": self.router_mode}
 
         # -------------------------------------------------------------- scoring
         def _item(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
@@ -144,7 +153,7 @@ def lm_class() -> type:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
                 bar.update(len(idx))
 
-            out = engine.score(self.params, self.cfg, items, self.buckets, on_batch=done)
+            out = engine.score(self.params, self.cfg, items, self.buckets, hooks=self.hooks, on_batch=done)
             bar.close()
             return out
 
@@ -169,7 +178,7 @@ def lm_class() -> type:
                         self.cache_hook.add_partial("loglikelihood_rolling", (strings[k],), totals[k])
                         bar.update(1)
 
-            engine.score(self.params, self.cfg, items, self.buckets, on_batch=done)
+            engine.score(self.params, self.cfg, items, self.buckets, hooks=self.hooks, on_batch=done)
             bar.close()
             return totals
 
@@ -207,7 +216,7 @@ def lm_class() -> type:
                     bar.update(len(ks))
 
                 engine.greedy(self.params, self.cfg, prompts, max_gen, stop, self.buckets, eos_ids=self.eos_ids,
-                              pad_id=self.pad_id, on_batch=done)
+                              pad_id=self.pad_id, hooks=self.hooks, on_batch=done)
             bar.close()
             return out  # type: ignore[return-value]
 

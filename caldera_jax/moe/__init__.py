@@ -4,6 +4,7 @@
     dispatch.py      Capacity (dense all_to_all, drops counted) / Ragged (dropless) dispatch + combine
     codecs.py        Identity, IntQuant, FP8, Learned, StaleConditioned
     codec_params.py  codec params in the model tree; trainable/frozen split
+    codec_spec.py    a codec named on a command line (fixed name or trained directory) -> params + hooks
     source.py        the token's own device (encode, stale, routing); SimulatedMoE, the one-device twin
     fold.py          a learned codec's linear decoder folded into the experts' gate/up weights
     ep.py            the shard_map layer, expert_parallel_hooks, make_mesh

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from caldera_jax.checkpoints_io.atomic import fsync_path
 from caldera_jax.checkpoints_io.hf import load_hf
@@ -42,14 +42,15 @@ from caldera_jax.data.records import load_tokenized, summary
 from caldera_jax.models.decoder import forward
 from caldera_jax.moe import (Learned, StaleConditioned, add_codec_params, codec_name, expert_parallel_hooks,
                              make_mesh, merge_params, split_codec_params)
+from caldera_jax.moe.codec_spec import CODEC_FILE, CODEC_JSON, CodecSpecError, read_trained
 from caldera_jax.moe.ep import check_mesh
 from caldera_jax.moe.routing import ROUTER_MODES
-from caldera_jax.params import flatten, unflatten
+from caldera_jax.params import flatten
 from caldera_jax.train.loop import EpochData, TrainConfig, TrainResult, batch_placer, evaluate, token_nll, train
 from caldera_jax.train.optim import OptimConfig
 
 STALE = {"none": None, "compressed": "compressed", "uncompressed": "raw"}
-CODEC_FILE, CODEC_JSON, RUN_JSON = "codec.safetensors", "codec.json", "run.json"
+RUN_JSON = "run.json"
 
 
 class CompressorJobError(ValueError):
@@ -96,16 +97,13 @@ def make_codec(job: CompressorJob):
 
 
 def _offline_init(spec: str, cfg, codec) -> dict[int, dict]:
-    path = os.path.join(spec.removeprefix("offline:"), CODEC_FILE)
-    if not os.path.isfile(path):
-        raise CompressorJobError(f"init {spec!r}: {path} does not exist")
-    tree = unflatten(load_file(path))
-    layers = tree.get("model", {}).get("layers", {})
-    given = {int(i): {k: jax.tree.map(jnp.asarray, v) for k, v in p["mlp"]["codec"].items()} for i, p in layers.items()}
+    """The parameters of a previous run's codec (offline fit or end to end), checked against the
+    model and against this job's codec."""
     try:
-        add_codec_params({}, cfg, codec, jax.random.key(0), given=given)     # shapes checked here
-    except ValueError as e:
-        raise CompressorJobError(f"init {spec!r}: {path}: {e}") from None
+        _, given, _ = read_trained(spec.removeprefix("offline:"), cfg)
+        add_codec_params({}, cfg, codec, jax.random.key(0), given=given)     # this job's shapes
+    except (CodecSpecError, ValueError) as e:
+        raise CompressorJobError(f"init {spec!r}: {e}") from None
     return given
 
 
