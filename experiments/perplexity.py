@@ -58,9 +58,13 @@ def _whole_model(args) -> dict:
     from caldera_jax.lmeval.model import open_model
     from caldera_jax.models.decoder import forward
     from caldera_jax.moe.codec_spec import attach, load_codec
+    from caldera_jax.moe.codec_spec import CodecSpecError
     m = open_model(args.model, args.source, args.dtype)
-    spec = load_codec(args.codec, m.cfg)
-    params, hooks = attach(spec, m.cfg, m.params, args.router_mode)
+    try:
+        spec = load_codec(args.codec, m.cfg)
+        params, hooks = attach(spec, m.cfg, m.params, args.router_mode)
+    except CodecSpecError as e:
+        raise SystemExit(f"error: {e}") from None
     head = {"model": os.path.abspath(args.model), "codec": spec.identity, "codec_name": spec.name,
             "router_mode": None if spec.codec is None else (args.router_mode or spec.router_mode),
             "dtype": args.dtype}
