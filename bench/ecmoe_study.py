@@ -58,8 +58,20 @@ def wire_fraction(codec: str, hidden: int) -> float:
     raise ValueError(f"no wire size for {codec!r}")
 
 
+def learned_wire_fraction(ratio: int, stale: str, cfg, stride: int) -> float:
+    """A learned codec's dispatch bytes per token over bf16's k·2·H: the code (2·H/ratio bytes per
+    routed copy) plus, for a stale codec, a 4-byte token id per copy and the reference layers'
+    state sent once per token (raw 2·H, or its code), averaged over the MoE layers."""
+    if stale == "none":
+        return 1 / ratio
+    moe = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    refs = sum(1 for j in range(len(moe)) if j % stride == 0)
+    per_ref = 1.0 if stale == "uncompressed" else 1 / ratio
+    return 1 / ratio + 2 / cfg.hidden_size + refs / len(moe) * per_ref / cfg.num_experts_per_tok
+
+
 def active_params(model: str) -> tuple[int, int]:
-    """(parameters a token uses, hidden size) of an MoE HF directory: everything but the experts,
+    """(parameters a token uses, ModelConfig) of an MoE HF directory: everything but the experts,
     plus top-k experts' worth per MoE layer."""
     from caldera_jax.checkpoints_io.hf import load_hf
     from caldera_jax.params import flatten
@@ -70,7 +82,7 @@ def active_params(model: str) -> tuple[int, int]:
         if ".experts." in n:
             experts += v.size
     k, e = cfg.num_experts_per_tok, cfg.num_experts
-    return int(total - experts + experts * k / e), cfg.hidden_size
+    return int(total - experts + experts * k / e), cfg
 
 
 def _run(cmd: list[str], log: str) -> None:
@@ -149,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(os.path.join(work, "ppl"), exist_ok=True)
     log = os.path.join(work, "study.log")
     py = [sys.executable, "-m"]
-    active, hidden = active_params(model)
+    active, cfg = active_params(model)
+    hidden = cfg.hidden_size
 
     data = args.data or os.path.join(work, "selfchat-moe.jsonl")
     if args.data is None:                        # resumes by itself; a finished set is left as is
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             rep = json.load(open(os.path.join(d, "report.json")))
             lay = rep.get("layers", [])
             r = {"name": tag, "method": "offline " + ("stale" if stale != "none" else "per-layer"), "ratio": ratio,
-                 "stale": stale, "wire_fraction": 1 / ratio,
+                 "stale": stale, "wire_fraction": learned_wire_fraction(ratio, stale, cfg, args.stride),
                  "snr_db_mean": sum(x["snr_db"] for x in lay) / max(len(lay), 1),
                  "cosine_mean": sum(x["cosine"] for x in lay) / max(len(lay), 1), **both_modes(d, tag)}
             rows.append(r)
@@ -219,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         toks = sum(s.get("tokens", 0) for s in steps[1:])
         job = run["job"]
         r = {"name": tag, "method": "e2e " + ("stale" if stale != "none" else "per-layer"), "ratio": ratio,
-             "stale": stale, "init": init, "train_router": router, "wire_fraction": 1 / ratio,
+             "stale": stale, "init": init, "train_router": router,
+             "wire_fraction": learned_wire_fraction(ratio, stale, cfg, args.stride),
              "val_loss_before": run["val_loss_before"], "val_loss_best": run["val_loss_best"],
              "best_step": run["best_step"], "steps": run["steps"],
              "response_tokens_per_s": toks / secs if secs else None,
