@@ -7,8 +7,9 @@
 
 Steps, each an experiments CLI in a child process (each resumable; a finished step is skipped, so
 rerunning the same command continues where a killed run stopped):
- 1. data: `experiments.selfchat` with the MoE itself (ARC validation questions answered greedily
-    by the uncompressed MoE: training teaches the compressed model to behave like it); the
+ 1. data: ARC validation questions answered greedily by the uncompressed MoE itself (the asset
+    `selfchat-smollm2-moe`, or `experiments.selfchat` for another model): training teaches the
+    compressed model to behave like it; the
     seed-42 80/10/10 split of caldera_jax.data; every perplexity below is on the test split.
  2. fixed codecs (no training): response-only perplexity with the codec around the all-to-all,
     router "compressed" (it sees the decoded state) and "uncompressed" (it sees the original).
@@ -164,10 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     active, cfg = active_params(model)
     hidden = cfg.hidden_size
 
-    data = args.data or os.path.join(work, "selfchat-moe.jsonl")
-    if args.data is None:                        # resumes by itself; a finished set is left as is
-        _run(py + ["experiments.selfchat", "--model", model, "--out", data]
-             + (["--limit", str(args.selfchat_limit)] if args.selfchat_limit else []), log)
+    data = args.data
+    if data is None and "selfchat-" + args.model in assets.ASSETS and not args.selfchat_limit:
+        data = str(assets.fetch("selfchat-" + args.model) / "chat.jsonl")    # built once, cached
+    if data is None:                             # resumes by itself; a finished set is left as is
+        data = os.path.join(work, "selfchat-moe.jsonl")
+        if not os.path.exists(data):
+            _run(py + ["experiments.selfchat", "--model", model, "--out", data]
+                 + (["--limit", str(args.selfchat_limit)] if args.selfchat_limit else []), log)
 
     def ppl(codec: str, tag: str, router: str | None) -> dict:
         path = os.path.join(work, "ppl", f"{tag}-{router or 'own'}.json")

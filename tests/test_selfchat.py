@@ -65,3 +65,26 @@ def test_a_killed_run_continues_to_the_same_file(setup, monkeypatch):
     monkeypatch.setattr(selfchat, "generate", real)
     selfchat.run(_job(setup, out), log=lambda s: None)
     assert out.read_text() == ref.read_text()
+
+
+def test_selfchat_asset_builder_answers_every_validation_question(setup, tmp_path, monkeypatch):
+    """experiments.assets' selfchat-smollm2 builder: the chat set lands in the asset directory with
+    one answered row per ARC validation question (both sets), and its work directory is removed."""
+    import shutil
+
+    from experiments import assets
+    ev = tmp_path / "evalsets"
+    shutil.copytree(setup["evalsets"], ev)
+    (ev / "arc_challenge").mkdir()
+    shutil.copy(ev / "arc_easy" / "validation.jsonl", ev / "arc_challenge" / "validation.jsonl")
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    paths = {"smollm2-135m-instruct": setup["model"], "evalsets": str(ev)}
+    monkeypatch.setattr(assets, "asset_path", lambda name: __import__("pathlib").Path(paths[name]))
+    ctx = assets._Ctx(asset=assets.ASSETS["selfchat-smollm2"], files={}, work=tmp_path / "w",
+                      out=tmp_path / "w" / "out", progress=False)
+    produced = assets.ASSETS["selfchat-smollm2"].build(ctx)
+    rows = [json.loads(line) for line in (ctx.out / "chat.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and produced["selfchat"]["rows"] == 10 and produced["answered_by"] == "smollm2-135m-instruct"
+    assert {r["source"] for r in rows} == {"arc_easy/validation", "arc_challenge/validation"}
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
+    assert not (tmp_path / "cache" / "work" / "selfchat-smollm2").exists()
