@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
             _run(py + ["experiments.train_compressors", "--model", model, "--data", data, "--out", d,
                        "--ratio", str(ratio), "--stale", stale, "--stride", str(args.stride), "--router-mode", router,
                        "--init", init_arg, "--max-steps", str(args.e2e_steps), "--epochs", "10",
-                       "--lr", str(args.e2e_lr), "--seq-len", str(args.seq_len), "--val-interval", "25",
-                       "--ckpt-interval", "25", "--no-progress"], log)
+                       "--lr", str(args.e2e_lr), "--seq-len", str(args.seq_len),
+                       "--val-interval", str(max(args.e2e_steps // 2, 1)),
+                       "--ckpt-interval", str(max(args.e2e_steps // 4, 1)), "--no-progress"], log)
         run = json.load(open(os.path.join(d, "run.json")))
         steps = [json.loads(x) for x in open(os.path.join(d, "train", "metrics.jsonl"))]
         secs = sum(s.get("seconds", 0.0) for s in steps[1:])     # first step compiles
