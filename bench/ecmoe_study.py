@@ -54,8 +54,9 @@ def wire_fraction(codec: str, hidden: int) -> float:
     if codec.startswith("int"):
         bits = int(codec[3])
         return (hidden * bits / 8 + 4 * (2 if codec.endswith("-zp") else 1)) / (2 * hidden)
-    if codec == "fp8":
-        return (hidden + 4 * hidden / 128) / (2 * hidden)
+    if codec == "fp8":                      # block as codec_spec picks it
+        block = next(b for b in (128, 64, 32, 16) if hidden % b == 0)
+        return (hidden + 4 * hidden / block) / (2 * hidden)
     raise ValueError(f"no wire size for {codec!r}")
 
 

@@ -136,5 +136,6 @@ def test_a_codec_from_another_model_is_refused_naming_its_file(setup, trained, t
     (bad / tc.CODEC_JSON).write_text(json.dumps({**desc, "ratio": 8}))
     with pytest.raises(CodecSpecError, match=r"codec\.safetensors: .*shape"):
         load_codec(str(bad), cfg)
+    assert load_codec("fp8", cfg).codec.block == 32            # hidden 32: 128-channel blocks do not fit
     with pytest.raises(CodecSpecError, match="neither a fixed codec"):
         load_codec(str(tmp_path / "nowhere"), cfg)

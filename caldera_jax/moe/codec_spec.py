@@ -1,7 +1,8 @@
 """A codec named on a command line: a fixed codec by name, or a trained one from its directory.
 
     spec = load_codec("int4", cfg)               # fixed: none, identity, bf16, int8, int4, int2,
-                                                 #        int4-zp, int2-zp, fp8
+                                                 #        int4-zp, int2-zp, fp8 (scales per 128
+                                                 #        channels, or 64/32/16 where 128 does not divide H)
     spec = load_codec("runs/codec-4x", cfg)      # trained: codec.json + codec.safetensors, as
                                                  # train_compressors / offline_codecs fit write them
     params, hooks = attach(spec, cfg, params, router_mode=None)   # None: the codec's own router mode
@@ -121,6 +122,8 @@ def load_codec(spec: str, cfg: ModelConfig) -> CodecSpec:
     """A fixed codec name (FIXED) or a trained codec directory; see the module doc."""
     if spec in FIXED:
         codec = FIXED[spec]
+        if isinstance(codec, FP8) and cfg.hidden_size % codec.block:      # e.g. H = 576: 64-channel blocks
+            codec = FP8(block=next((b for b in (64, 32, 16) if cfg.hidden_size % b == 0), codec.block))
         if codec is not None:
             for i in range(cfg.num_hidden_layers):
                 if cfg.is_moe_layer(i):
