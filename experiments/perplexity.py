@@ -57,8 +57,7 @@ def _whole_model(args) -> dict:
     from caldera_jax.eval.perplexity import perplexity, response_perplexity
     from caldera_jax.lmeval.model import open_model
     from caldera_jax.models.decoder import forward
-    from caldera_jax.moe.codec_spec import attach, load_codec
-    from caldera_jax.moe.codec_spec import CodecSpecError
+    from caldera_jax.moe.codec_spec import CodecSpecError, attach, load_codec
     m = open_model(args.model, args.source, args.dtype)
     try:
         spec = load_codec(args.codec, m.cfg)

@@ -98,8 +98,7 @@ def read_trained(directory: str, cfg: ModelConfig) -> tuple[Any, dict[int, dict]
         add_codec_params({}, cfg, codec, jax.random.key(0), given=given)    # layers and shapes checked
     except ValueError as e:
         raise CodecSpecError(f"{wpath}: {e}") from None
-    missing = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i) and codec.init(
-        jax.random.key(0), cfg, i) and i not in given]
+    missing = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i) and i not in given]   # learned: every MoE layer
     if missing:
         raise CodecSpecError(f"{wpath}: no parameters for MoE layers {missing}")
     return codec, given, desc
@@ -125,12 +124,10 @@ def load_codec(spec: str, cfg: ModelConfig) -> CodecSpec:
         if isinstance(codec, FP8) and cfg.hidden_size % codec.block:      # e.g. H = 576: 64-channel blocks
             codec = FP8(block=next((b for b in (64, 32, 16) if cfg.hidden_size % b == 0), codec.block))
         if codec is not None:
-            for i in range(cfg.num_hidden_layers):
-                if cfg.is_moe_layer(i):
-                    try:
-                        codec.init(jax.random.key(0), cfg, i)
-                    except ValueError as e:
-                        raise CodecSpecError(f"codec {spec!r}: {e}") from None
+            try:
+                add_codec_params({}, cfg, codec, jax.random.key(0))         # codec.init at every MoE layer
+            except ValueError as e:
+                raise CodecSpecError(f"codec {spec!r}: {e}") from None
         return CodecSpec("none" if codec is None else codec_name(codec), codec, None, "compressed",
                          codec_identity(spec))
     ident = codec_identity(spec)

@@ -42,14 +42,14 @@ from caldera_jax.data.records import load_tokenized, summary
 from caldera_jax.models.decoder import forward
 from caldera_jax.moe import (Learned, StaleConditioned, add_codec_params, codec_name, expert_parallel_hooks,
                              make_mesh, merge_params, split_codec_params)
-from caldera_jax.moe.codec_spec import CODEC_FILE, CODEC_JSON, CodecSpecError, read_trained
+from caldera_jax.moe.codec_spec import CODEC_FILE, CODEC_JSON, STALE_KINDS, CodecSpecError, read_trained
 from caldera_jax.moe.ep import check_mesh
 from caldera_jax.moe.routing import ROUTER_MODES
 from caldera_jax.params import flatten
 from caldera_jax.train.loop import EpochData, TrainConfig, TrainResult, batch_placer, evaluate, token_nll, train
 from caldera_jax.train.optim import OptimConfig
 
-STALE = {"none": None, "compressed": "compressed", "uncompressed": "raw"}
+STALE = STALE_KINDS                     # --stale value -> StaleConditioned.stale_kind (None: Learned)
 RUN_JSON = "run.json"
 
 
