@@ -98,7 +98,8 @@ def read_trained(directory: str, cfg: ModelConfig) -> tuple[Any, dict[int, dict]
         add_codec_params({}, cfg, codec, jax.random.key(0), given=given)    # layers and shapes checked
     except ValueError as e:
         raise CodecSpecError(f"{wpath}: {e}") from None
-    missing = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i) and i not in given]   # learned: every MoE layer
+    # a learned codec has parameters at every MoE layer
+    missing = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i) and i not in given]
     if missing:
         raise CodecSpecError(f"{wpath}: no parameters for MoE layers {missing}")
     return codec, given, desc
