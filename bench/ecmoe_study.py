@@ -1,7 +1,8 @@
 """Issue 14's study: every dispatch codec on the real MoE, by response-only perplexity and downstream.
 
     python -m bench.ecmoe_study [--model smollm2-moe|DIR] [--work runs/ecmoe-<name>]
-        [--fixed none,int8,int4,int2,fp8] [--offline-ratios 2,4,8,16] [--e2e e2e-4x,e2e-stale-4x,...]
+        [--fixed none,int8,int4,int2,fp8,int4-g128,int2-g128] [--offline-ratios 2,4,8,16]
+        [--e2e e2e-4x,e2e-stale-4x,...]
         [--e2e-steps 150] [--downstream none,int4,off-4x,e2e-4x] [--downstream-limit 500]
         [--out bench/results/ecmoe_<name>.json]
 
@@ -46,18 +47,16 @@ E2E = {   # name -> (ratio, stale, init, router mode it trains with)
 DEFAULT_E2E = "e2e-4x,e2e-stale-4x,e2e-16x,e2e-stale-16x,e2e-4x-identity,e2e-16x-router-unc"
 
 
-def wire_fraction(codec: str, hidden: int) -> float:
-    """A fixed codec's dispatch bytes per token over bf16's 2·H (the payloads of caldera_jax/moe/codecs.py:
-    INT-b codes H·b/8 bytes + a float32 scale; FP8 H bytes + a float32 scale per 128 channels)."""
-    if codec in ("none", "identity", "bf16"):
+def wire_fraction(codec: str, cfg) -> float:
+    """A fixed codec's dispatch bytes per token over bf16's 2·H: the bytes of the payload its
+    encode produces for one token (codes, scales, offsets), as codec_spec configures it for cfg."""
+    import jax.numpy as jnp
+    from caldera_jax.moe.codec_spec import load_codec
+    spec = load_codec(codec, cfg)
+    if spec.codec is None:
         return 1.0
-    if codec.startswith("int"):
-        bits = int(codec[3])
-        return (hidden * bits / 8 + 4 * (2 if codec.endswith("-zp") else 1)) / (2 * hidden)
-    if codec == "fp8":                      # block as codec_spec picks it
-        block = next(b for b in (128, 64, 32, 16) if hidden % b == 0)
-        return (hidden + 4 * hidden / block) / (2 * hidden)
-    raise ValueError(f"no wire size for {codec!r}")
+    payload = spec.codec.encode({}, jnp.ones((1, cfg.hidden_size), jnp.float32))
+    return sum(a.size * a.dtype.itemsize for a in payload.values()) / (2 * cfg.hidden_size)
 
 
 def learned_wire_fraction(ratio: int, stale: str, cfg, stride: int) -> float:
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default=None, help="default runs/ecmoe-<model name>")
     ap.add_argument("--data", default=None, help="chat JSONL (default: the MoE's own answers, step 1)")
     ap.add_argument("--selfchat-limit", type=int, default=None)
-    ap.add_argument("--fixed", default="none,int8,int4,int2,fp8")
+    ap.add_argument("--fixed", default="none,int8,int4,int2,fp8,int4-g128,int2-g128")
     ap.add_argument("--offline-ratios", default="2,4,8,16")
     ap.add_argument("--offline-steps", type=int, default=500)
     ap.add_argument("--collect-tokens", type=int, default=32768, help="response tokens of states per split")
@@ -164,7 +163,6 @@ def main(argv: list[str] | None = None) -> None:
     log = os.path.join(work, "study.log")
     py = [sys.executable, "-m"]
     active, cfg = active_params(model)
-    hidden = cfg.hidden_size
 
     data = args.data
     if data is None and "selfchat-" + args.model in assets.ASSETS and not args.selfchat_limit:
@@ -190,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, codecs = [], {}
     base = ppl("none", "none", None)
     for f in args.fixed.split(","):
-        w = wire_fraction(f, hidden)
+        w = wire_fraction(f, cfg)
         r = {"name": f, "method": "fixed", "ratio": round(1 / w, 2), "wire_fraction": w}
         r.update({"ppl_compressed": base["ppl"], "ppl_uncompressed": base["ppl"], "tokens": base["tokens"]}
                  if f == "none" else both_modes(f, f))

@@ -80,10 +80,13 @@ def test_loglikelihood_equals_direct_forward(lm, monkeypatch):
     pairs = [(q, " 4"), ("The cat", " sat on the mat."), ("A", "B"), (q, " five"), (q, " 2+2"),
              ("Long context " * 6, " and a long continuation follows it"), ("x y z", " w")]
     got = lm.loglikelihood([_inst("loglikelihood", p) for p in pairs])
+    monkeypatch.setattr(engine, "PACK_LENGTHS", (16, 32))     # the longer ones: prefill + extend
+    mixed = lm.loglikelihood([_inst("loglikelihood", p) for p in pairs])
     monkeypatch.setattr(engine, "LOGITS_BUDGET_BYTES", 1)
     split = lm.loglikelihood([_inst("loglikelihood", p) for p in pairs])
-    assert [g for _, g in split] == [g for _, g in got]
-    np.testing.assert_allclose([v for v, _ in split], [v for v, _ in got], rtol=0, atol=1e-4)
+    for other in (mixed, split):
+        assert [g for _, g in other] == [g for _, g in got]
+        np.testing.assert_allclose([v for v, _ in other], [v for v, _ in got], rtol=0, atol=1e-4)
     for (c, x), (lp, greedy) in zip(pairs, got):
         ctx, cont = lm._encode_pair(c, x)
         want_lp, want_greedy = _direct_logprob(lm, ctx, cont)
@@ -92,6 +95,14 @@ def test_loglikelihood_equals_direct_forward(lm, monkeypatch):
     (roll,) = lm.loglikelihood_rolling([_inst("loglikelihood_rolling", (s,))])
     want, _ = _direct_logprob(lm, [lm.prefix_token_id], lm.tok_encode(s))
     assert abs(roll - want) < 1e-4 * abs(want)
+
+
+def test_packing_places_every_unit_once_within_its_row():
+    lengths = np.random.default_rng(0).integers(1, 129, 300).tolist()
+    rows = engine._pack_rows(lengths, 128)
+    assert sorted(u for r in rows for u in r) == list(range(300))
+    assert max(sum(lengths[u] for u in r) for r in rows) <= 128
+    assert len(rows) <= sum(lengths) / 128 * 11 / 9 + 1               # first-fit decreasing's bound
 
 
 def test_scores_a_caldera_checkpoint_with_its_quantized_weights():

@@ -34,7 +34,7 @@ def _rel(a, b) -> float:
 # ----------------------------------------------------------------------------------- round trips
 BOUNDS = {IntQuant(8): 0.01, IntQuant(8, "zeropoint"): 0.01, IntQuant(4): 0.15,
           IntQuant(4, "zeropoint"): 0.13, IntQuant(2): 0.85, IntQuant(2, "zeropoint"): 0.6,
-          FP8(): 0.035}
+          FP8(): 0.035, IntQuant(4, group=64): 0.15, IntQuant(2, "zeropoint", group=32): 0.6}
 
 
 @pytest.mark.parametrize("codec", list(BOUNDS), ids=codec_name)
@@ -46,9 +46,26 @@ def test_quantizer_round_trip_bounds(codec):
     err = jnp.abs(xh - x)
     if isinstance(codec, IntQuant):      # elementwise: half a quantization step
         payload = codec.encode(p, x)
-        assert bool(jnp.all(err <= 0.5 * payload["scale"] * (1 + 1e-5) + 1e-7))
+        step = jnp.repeat(payload["scale"], x.shape[1] // payload["scale"].shape[1], axis=1)   # per channel
+        assert bool(jnp.all(err <= 0.5 * step * (1 + 1e-5) + 1e-7))
     else:                                # e4m3: 3 mantissa bits -> relative 2^-4 above the normals
         assert bool(jnp.all(err <= 2.0 ** -4 * jnp.abs(x) + 2.0 ** -9 * jnp.max(jnp.abs(x), -1, keepdims=True) / 448))
+
+
+def test_group_scales_survive_outlier_channels():
+    """Two channels 100x the rest (as SmolLM2's hidden states have): one INT4 scale per token rounds
+    every other channel to zero; a scale per 64 channels confines the damage to their two groups:
+    the other groups (channels 64-191) keep plain INT4's error."""
+    cfg, x = layer_cfg(hidden=256), _gaussian()
+    x = x.at[:, 7].multiply(100.0).at[:, 200].multiply(-100.0)
+    clean = slice(64, 192)
+    per_token, grouped = IntQuant(4), IntQuant(4, group=64)
+    e_tok = _rel(roundtrip(per_token, {}, x)[:, clean], x[:, clean])
+    e_grp = _rel(roundtrip(grouped, {}, x)[:, clean], x[:, clean])
+    assert e_tok > 0.9 and e_grp < BOUNDS[IntQuant(4)]
+    assert grouped.encode({}, x)["scale"].shape == (x.shape[0], 4)
+    with pytest.raises(ValueError, match="group=48 must divide hidden_size=256"):
+        IntQuant(4, group=48).init(None, cfg, 0)
 
 
 def test_quantizer_error_ordering():
@@ -227,13 +244,15 @@ def _row_bytes(codec) -> int:
     if isinstance(codec, Identity):
         return 2 * H
     if isinstance(codec, IntQuant):
-        return H * codec.bits // 8 + (4 if codec.scheme == "absmax" else 8)
+        groups = H // codec.group if codec.group else 1
+        return H * codec.bits // 8 + (4 if codec.scheme == "absmax" else 8) * groups
     if isinstance(codec, FP8):
         return H + 4 * H // codec.block
     return 2 * H // codec.ratio
 
 
-WIRE_CODECS = [Identity(), IntQuant(8), IntQuant(4), IntQuant(2), IntQuant(4, "zeropoint"), FP8(),
+WIRE_CODECS = [Identity(), IntQuant(8), IntQuant(4), IntQuant(2), IntQuant(4, "zeropoint"), IntQuant(4, group=64),
+               FP8(),
                Learned(ratio=2), Learned(ratio=4), Learned(ratio=8), Learned(ratio=16)]
 
 

@@ -137,5 +137,6 @@ def test_a_codec_from_another_model_is_refused_naming_its_file(setup, trained, t
     with pytest.raises(CodecSpecError, match=r"codec\.safetensors: .*shape"):
         load_codec(str(bad), cfg)
     assert load_codec("fp8", cfg).codec.block == 32            # hidden 32: 128-channel blocks do not fit
+    assert load_codec("int4-g128", cfg).codec.group == 32
     with pytest.raises(CodecSpecError, match="neither a fixed codec"):
         load_codec(str(tmp_path / "nowhere"), cfg)

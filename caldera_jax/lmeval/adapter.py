@@ -14,7 +14,9 @@ as lm-eval's hf model); max_gen_toks (default 256); decode_chunk: decode steps b
 stop-sequence checks (default 16); add_bos_token: as lm-eval's hf model; codec: for an MoE
 model, a fixed codec name (int8, int4, int2, fp8, ...) or a trained codec directory, run around the
 expert-parallel all-to-all (caldera_jax/moe/codec_spec.py); router_mode: compressed |
-uncompressed (default: the codec's own). Tests may pass
+uncompressed (default: the codec's own); scan_layers: score with identical consecutive layers
+stacked into one compiled lax.scan (default true, without a codec; models/layer_stacks.py).
+Tests may pass
 model=EvalModel or (cfg, params) and tokenizer= instead of path.
 
 Requests are scored and decoded as lm-eval's hf backend does them (same tokenization, left
@@ -28,12 +30,15 @@ this module's attribute `CalderaJaxLM` (for lm-eval versions that load entry poi
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from typing import Any
 
 from caldera_jax.lmeval import engine
 from caldera_jax.lmeval.model import EvalModel, open_model
+from caldera_jax.models.hooks import Hooks
+from caldera_jax.models.layer_stacks import is_stacked, stack_layers, unstack_layers
 from caldera_jax.moe.codec_spec import attach, load_codec
 
 NAME = "caldera-jax"
@@ -62,7 +67,7 @@ def lm_class() -> type:
                      batch_size: Any = 8, max_length: int | None = None, max_gen_toks: int = 256,
                      decode_chunk: int = 16, add_bos_token: bool | None = None, pretrained: str | None = None,
                      model: Any = None, tokenizer: Any = None, codec: str | None = None,
-                     router_mode: str | None = None, **_ignored: Any):
+                     router_mode: str | None = None, scan_layers: Any = True, **_ignored: Any):
             super().__init__()
             path = path or pretrained
             if model is None:
@@ -73,10 +78,11 @@ def lm_class() -> type:
                 if tokenizer is None:
                     raise ValueError(f"{NAME}: model=(cfg, params) needs tokenizer=")
                 model = EvalModel(model[0], model[1], tokenizer, {"kind": "memory", "dtype": dtype})
-            self.model = model
             self.cfg, self.tokenizer = model.cfg, model.tokenizer
             self.codec = load_codec(codec or "none", self.cfg)
             self.params, self.hooks = attach(self.codec, self.cfg, model.params, router_mode)
+            self.scan_layers = str(scan_layers).lower() in ("true", "1", "yes") and self.hooks == Hooks()
+            self.model = dataclasses.replace(model, params=None)       # one copy of the weights: self.params
             self.router_mode = None if self.codec.codec is None else (router_mode or self.codec.router_mode)
             self.add_bos_token = add_bos_token
             self._max_length = int(max_length or self.cfg.max_position_embeddings)
@@ -87,6 +93,16 @@ def lm_class() -> type:
             self.eos_ids = tuple(sorted(set(eos) | ({self.eot_token_id} if self.eot_token_id is not None else set())))
             pad = self.tokenizer.pad_token_id
             self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
+
+        def _params(self, stacked: bool):
+            """The weights laid out for the work at hand: stacked layers (one compiled lax.scan)
+            for scoring, where every call is compute-bound and new shapes keep coming; per-layer
+            for KV-cache decoding, where a scan's per-layer weight slices cost ~15% per step on
+            CPU. lm-eval sends each request type at once, so a run converts at most twice."""
+            want = stacked and self.scan_layers
+            if is_stacked(self.params) != want:
+                self.params = (stack_layers if want else unstack_layers)(self.params, self.cfg)
+            return self.params
 
         # -------------------------------------------------------------- tokenizer (as lm-eval's hf model)
         @property
@@ -153,7 +169,8 @@ def lm_class() -> type:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
                 bar.update(len(idx))
 
-            out = engine.score(self.params, self.cfg, items, self.buckets, hooks=self.hooks, on_batch=done)
+            out = engine.score(self._params(stacked=True), self.cfg, items, self.buckets, hooks=self.hooks,
+                               on_batch=done)
             bar.close()
             return out
 
@@ -178,7 +195,7 @@ def lm_class() -> type:
                         self.cache_hook.add_partial("loglikelihood_rolling", (strings[k],), totals[k])
                         bar.update(1)
 
-            engine.score(self.params, self.cfg, items, self.buckets, hooks=self.hooks, on_batch=done)
+            engine.score(self._params(stacked=True), self.cfg, items, self.buckets, hooks=self.hooks, on_batch=done)
             bar.close()
             return totals
 
@@ -215,8 +232,8 @@ def lm_class() -> type:
                         self.cache_hook.add_partial("generate_until", args[i], s)
                     bar.update(len(ks))
 
-                engine.greedy(self.params, self.cfg, prompts, max_gen, stop, self.buckets, eos_ids=self.eos_ids,
-                              pad_id=self.pad_id, hooks=self.hooks, on_batch=done)
+                engine.greedy(self._params(stacked=False), self.cfg, prompts, max_gen, stop, self.buckets,
+                              eos_ids=self.eos_ids, pad_id=self.pad_id, hooks=self.hooks, on_batch=done)
             bar.close()
             return out  # type: ignore[return-value]
 

@@ -16,9 +16,11 @@ from caldera_jax.models.layers import apply_rope, rms_norm
 def self_attention(ctx, name: str, p: dict, cfg: ModelConfig, x: jax.Array, cos, sin,
                    kv: dict, index: jax.Array, key_valid: jax.Array, key_pos: jax.Array,
                    q_pos: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """x: [B, T, H]; kv: {"k","v"}: [B, S, Hkv, D] buffers; index: first slot written (scalar);
+    """x: [B, T, H]; kv: {"k","v"}: [B, S, Hkv, D] buffers, or {"k","v": [n, B, S, Hkv, D], "layer": j}
+    (a stack's buffers, this layer's index j in it); index: first slot written (scalar);
     key_valid [B, S] bool and key_pos [B, S] int32 already include the new tokens; q_pos [B, T].
-    segment_ids [B, T] (packed rows, S == T only): a query sees only keys of its own segment.
+    segment_ids [B, T] (packed rows, S == T only): a query sees only keys of its own segment; or
+    [B, T, S] bool: the (query, key) pairs allowed.
     Returns (out [B, T, H], updated kv)."""
     B, T, _ = x.shape
     D, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -30,15 +32,18 @@ def self_attention(ctx, name: str, p: dict, cfg: ModelConfig, x: jax.Array, cos,
         k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    k_all = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), index, axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), index, axis=1)
+    layer = kv.get("layer")
+    kv_out = {k2: _write(kv[k2], new, index, layer) for k2, new in (("k", k), ("v", v))}
+    k_all, v_all = ((kv_out[n] if layer is None else kv_out[n][layer]) for n in ("k", "v"))
     S = k_all.shape[1]
 
     q_slot = index + jnp.arange(T)
     mask = key_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot[None, :, None])  # [B,T,S]
     if cfg.sliding_window is not None:
         mask &= (q_pos[:, :, None] - key_pos[:, None, :]) < cfg.sliding_window
-    if segment_ids is not None:
+    if segment_ids is not None and segment_ids.ndim == 3:      # [B, T, S] allowed (query, key) pairs
+        mask &= segment_ids
+    elif segment_ids is not None:
         mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
 
     qg = q.reshape(B, T, nkv, nh // nkv, D)
@@ -47,4 +52,14 @@ def self_attention(ctx, name: str, p: dict, cfg: ModelConfig, x: jax.Array, cos,
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(q.dtype)).reshape(B, T, nh * D)
-    return ctx.linear(f"{name}.o_proj", out, p["o_proj"]), {"k": k_all, "v": v_all}
+    return ctx.linear(f"{name}.o_proj", out, p["o_proj"]), kv_out if layer is None else {**kv_out, "layer": layer}
+
+
+def _write(buf: jax.Array, new: jax.Array, index: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """new [B, T, Hkv, D] written at slot `index` of a layer's buffer [B, S, Hkv, D], or of layer
+    `layer` of a stack's buffer [n, B, S, Hkv, D] (in place inside the decoder's scan)."""
+    new = new.astype(buf.dtype)
+    if layer is None:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(buf, new[None], (layer, zero, index, zero, zero))

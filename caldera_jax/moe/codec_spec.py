@@ -1,8 +1,9 @@
 """A codec named on a command line: a fixed codec by name, or a trained one from its directory.
 
-    spec = load_codec("int4", cfg)               # fixed: none, identity, bf16, int8, int4, int2,
-                                                 #        int4-zp, int2-zp, fp8 (scales per 128
-                                                 #        channels, or 64/32/16 where 128 does not divide H)
+    spec = load_codec("int4", cfg)               # fixed: none, identity, bf16, int8, int4, int2
+                                                 #        (one scale per token), int4-zp, int2-zp,
+                                                 #        int8-g128, int4-g128, int2-g128, fp8 (scales per
+                                                 #        128 channels, or 64/32/16 where 128 does not divide H)
     spec = load_codec("runs/codec-4x", cfg)      # trained: codec.json + codec.safetensors, as
                                                  # train_compressors / offline_codecs fit write them
     params, hooks = attach(spec, cfg, params, router_mode=None)   # None: the codec's own router mode
@@ -36,7 +37,9 @@ FIXED: dict[str, Any] = {
     "none": None, "identity": Identity(), "bf16": Identity("bfloat16"),
     "int8": IntQuant(8), "int4": IntQuant(4), "int2": IntQuant(2),
     "int4-zp": IntQuant(4, "zeropoint"), "int2-zp": IntQuant(2, "zeropoint"), "fp8": FP8(),
+    "int8-g128": IntQuant(8, group=128), "int4-g128": IntQuant(4, group=128), "int2-g128": IntQuant(2, group=128),
 }
+BLOCK_FALLBACK = (64, 32, 16)      # channels per scale where the named 128 does not divide hidden_size
 STALE_KINDS = {"none": None, "compressed": "compressed", "uncompressed": "raw"}
 
 
@@ -123,7 +126,10 @@ def load_codec(spec: str, cfg: ModelConfig) -> CodecSpec:
     if spec in FIXED:
         codec = FIXED[spec]
         if isinstance(codec, FP8) and cfg.hidden_size % codec.block:      # e.g. H = 576: 64-channel blocks
-            codec = FP8(block=next((b for b in (64, 32, 16) if cfg.hidden_size % b == 0), codec.block))
+            codec = FP8(block=next((b for b in BLOCK_FALLBACK if cfg.hidden_size % b == 0), codec.block))
+        if isinstance(codec, IntQuant) and codec.group and cfg.hidden_size % codec.group:
+            codec = dataclasses.replace(codec, group=next((b for b in BLOCK_FALLBACK if cfg.hidden_size % b == 0),
+                                                          codec.group))
         if codec is not None:
             try:
                 add_codec_params({}, cfg, codec, jax.random.key(0))         # codec.init at every MoE layer

@@ -15,8 +15,9 @@ model's param tree at `model.layers.{i}.mlp.codec` (see codec_params.py).
 
 Codecs here:
     Identity(wire_dtype)                        x as is (or cast to wire_dtype)
-    IntQuant(bits, scheme)                      absmax / zero-point INT8, INT4, INT2, per-token scale;
-                                                INT4/INT2 codes packed 2/4 per uint8
+    IntQuant(bits, scheme, group)               absmax / zero-point INT8, INT4, INT2, a scale per token
+                                                or per `group` channels; INT4/INT2 codes packed 2/4
+                                                per uint8
     FP8(block)                                  float8 e4m3, one float32 scale per `block` channels
     Learned(ratio, init, wire_dtype)            c = W_c x (H -> H/ratio), x̂ = W_d c (a linear decoder:
                                                 the EP layer folds W_d into the experts, fold.py)
@@ -103,53 +104,64 @@ def _safe(scale: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class IntQuant(_NoStale):
-    """Per-token integer quantization of the dispatched hidden state.
+    """Integer quantization of the dispatched hidden state, one scale per token (group=None) or
+    per `group` consecutive channels of a token (a few outlier channels then cost only their group
+    its resolution).
 
     absmax   : q = round(x / s), s = max|x| / (2^(b-1) - 1), symmetric levels (INT2: {-1, 0, 1})
     zeropoint: q = round((x - min) / s), s = (max - min) / (2^b - 1), 2^b levels
     Codes are stored unsigned; bits < 8 are packed 8/bits per uint8 (H must be a multiple of 8/bits).
-    Payload: codes uint8 [n, H*bits/8], scale float32 [n, 1] (+ offset float32 [n, 1] for zeropoint).
+    Payload: codes uint8 [n, H*bits/8], scale float32 [n, G] (+ offset float32 [n, G] for
+    zeropoint), G = 1 or H / group.
     """
     bits: int = 8
     scheme: str = "absmax"
+    group: int | None = None
 
     def __post_init__(self):
         if self.bits not in (2, 4, 8):
             raise ValueError(f"IntQuant bits must be 2, 4 or 8, got {self.bits}")
         if self.scheme not in ("absmax", "zeropoint"):
             raise ValueError(f"IntQuant scheme must be 'absmax' or 'zeropoint', got {self.scheme!r}")
+        if self.group is not None and self.group < 1:
+            raise ValueError(f"IntQuant group must be >= 1 channels, got {self.group}")
 
     def init(self, key, cfg, layer) -> dict:
         if cfg.hidden_size % (8 // self.bits):
             raise ValueError(f"INT{self.bits} packing needs hidden_size % {8 // self.bits} == 0, "
                              f"got hidden_size={cfg.hidden_size}")
+        if self.group is not None and cfg.hidden_size % self.group:
+            raise ValueError(f"IntQuant group={self.group} must divide hidden_size={cfg.hidden_size}")
         return {}
 
     def encode(self, params, x: jax.Array) -> Payload:
-        x32 = x.astype(jnp.float32)
+        n, H = x.shape
+        xg = x.astype(jnp.float32).reshape(n, H // (self.group or H), -1)          # [n, G, H/G]
         if self.scheme == "absmax":
             qmax = 2 ** (self.bits - 1) - 1
-            scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / qmax
-            codes = jnp.clip(jnp.round(x32 / _safe(scale)), -qmax, qmax) + qmax
-            out = {"scale": scale}
+            scale = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / qmax
+            codes = jnp.clip(jnp.round(xg / _safe(scale)), -qmax, qmax) + qmax
+            out = {"scale": scale[..., 0]}
         else:
             levels = 2 ** self.bits - 1
-            lo = jnp.min(x32, axis=-1, keepdims=True)
-            scale = (jnp.max(x32, axis=-1, keepdims=True) - lo) / levels
-            codes = jnp.clip(jnp.round((x32 - lo) / _safe(scale)), 0, levels)
-            out = {"scale": scale, "offset": lo}
-        codes = codes.astype(jnp.uint8)
+            lo = jnp.min(xg, axis=-1, keepdims=True)
+            scale = (jnp.max(xg, axis=-1, keepdims=True) - lo) / levels
+            codes = jnp.clip(jnp.round((xg - lo) / _safe(scale)), 0, levels)
+            out = {"scale": scale[..., 0], "offset": lo[..., 0]}
+        codes = codes.astype(jnp.uint8).reshape(n, H)
         out["codes"] = codes if self.bits == 8 else pack_bits(codes, self.bits)
         return out
 
     def decode(self, params, payload: Payload, stale=None) -> jax.Array:
         codes = payload["codes"] if self.bits == 8 else unpack_bits(payload["codes"], self.bits)
-        q = codes.astype(jnp.float32)
+        n, H = codes.shape
+        q = codes.astype(jnp.float32).reshape(n, payload["scale"].shape[1], -1)
+        scale = payload["scale"][..., None]
         if self.scheme == "absmax":
-            x = (q - (2 ** (self.bits - 1) - 1)) * payload["scale"]
+            x = (q - (2 ** (self.bits - 1) - 1)) * scale
         else:
-            x = q * payload["scale"] + payload["offset"]
-        return x
+            x = q * scale + payload["offset"][..., None]
+        return x.reshape(n, H)
 
 
 # ------------------------------------------------------------------------------------------- fp8
@@ -294,7 +306,7 @@ def codec_name(codec: Any) -> str:
     if codec is None or isinstance(codec, Identity):
         return "identity" if codec is None or codec.wire_dtype is None else f"identity-{codec.wire_dtype}"
     if isinstance(codec, IntQuant):
-        return f"int{codec.bits}-{codec.scheme}"
+        return f"int{codec.bits}-{codec.scheme}" + (f"-g{codec.group}" if codec.group else "")
     if isinstance(codec, FP8):
         return "fp8-e4m3"
     if isinstance(codec, StaleConditioned):
