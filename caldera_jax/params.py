@@ -14,7 +14,7 @@ A leaf may also be any object with an `apply(x)` method (a quantized low-rank we
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -88,11 +88,6 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         s["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     return s
-
-
-def iter_layers(params: Params, cfg: ModelConfig) -> Iterator[tuple[int, Params]]:
-    for i in range(cfg.num_hidden_layers):
-        yield i, params["model"]["layers"][str(i)]
 
 
 class MemorySource:

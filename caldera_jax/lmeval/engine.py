@@ -51,7 +51,7 @@ class Buckets:
         return math.ceil(n / self.lengths[-1]) * self.lengths[-1]
 
     def rows(self, n: int) -> int:
-        return min(self.batch, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+        return min(self.batch, _pow2(n))
 
 
 def _batches(lengths: Sequence[int], batch: int) -> list[list[int]]:
@@ -87,13 +87,17 @@ def _target_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, 
 
 
 @partial(jax.jit, static_argnames=("cfg", "hooks"))
-def packed_logprobs(params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, positions: jax.Array,
-                    pairs: jax.Array, out_pos: jax.Array, targets: jax.Array, hooks: Hooks = Hooks()):
+def packed_logprobs(params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, unit: jax.Array,
+                    branch: jax.Array, out_pos: jax.Array, targets: jax.Array, hooks: Hooks = Hooks()):
     """Scores continuations packed into rows with their contexts (one copy of each context, its
-    continuations after it, each seeing only the context and itself). tokens, mask, positions
-    [R, T]; pairs [R, T, T] bool: the (query, key) pairs allowed on top of causality; out_pos [P]:
-    the slots (row * T + position) whose next-token distribution is read, targets [P] the tokens
-    scored there. -> (log p(target) [P] float32, target is the argmax [P] bool)."""
+    continuations after it, each seeing only the context and itself). tokens, positions, unit,
+    branch [R, T]: unit = which context a slot belongs to (-1: empty), branch = 0 for the context,
+    j for its j-th continuation; out_pos [P]: the slots (row * T + position) whose next-token
+    distribution is read, targets [P] the tokens scored there.
+    -> (log p(target) [P] float32, target is the argmax [P] bool)."""
+    mask = unit >= 0
+    pairs = (mask[:, :, None] & (unit[:, :, None] == unit[:, None, :])          # [R, T, T], on top of causality
+             & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
     logits = forward(params, cfg, tokens, mask, positions, hooks=hooks, segment_ids=pairs,
                      logits_at=out_pos).astype(jnp.float32)[0]
     return _target_logprobs(logits, targets)
@@ -122,6 +126,10 @@ def _pow2(n: int, least: int = 1) -> int:
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
 def _unit_length(ctx: tuple[int, ...], conts: list[np.ndarray]) -> int:
     """Slots a context and its continuations take in a packed row (a continuation's last token
     is only a target, never an input)."""
@@ -144,7 +152,8 @@ def _pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
 
 def _layout_row(units: list[tuple[tuple[int, ...], list[int], list[np.ndarray]]], row_len: int):
     """One packed row: [ctx_a | cont_a1[:-1] | cont_a2[:-1] | ... | ctx_b | ...].
-    -> tokens, mask, positions [T]; pairs [T, T]; reads: (item, slot, target) per scored token."""
+    -> tokens, positions, unit, branch [T] (as packed_logprobs takes them); reads: (item, slot,
+    target) per scored token."""
     tokens, positions = np.zeros(row_len, np.int32), np.zeros(row_len, np.int32)
     unit, branch = np.full(row_len, -1, np.int32), np.zeros(row_len, np.int32)
     reads, s = [], 0
@@ -159,10 +168,7 @@ def _layout_row(units: list[tuple[tuple[int, ...], list[int], list[np.ndarray]]]
             slots = [last] + list(range(s, s + n))
             reads += [(k, slot, int(t)) for slot, t in zip(slots, cont)]
             s += n
-    mask = unit >= 0
-    pairs = (mask[:, None] & (unit[:, None] == unit[None, :])
-             & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))
-    return tokens, mask, positions, pairs, reads
+    return tokens, positions, unit, branch, reads
 
 
 def score(params, cfg: ModelConfig, items: Sequence[tuple[Sequence[int], int]], buckets: Buckets = Buckets(),
@@ -190,7 +196,7 @@ def score(params, cfg: ModelConfig, items: Sequence[tuple[Sequence[int], int]], 
     units = [(ctx, ks, [np.asarray(items[k][0][len(items[k][0]) - items[k][1]:], np.int32) for k in ks])
              for ctx, ks in groups.items()]
     lengths = [_unit_length(ctx, conts) for ctx, _, conts in units]
-    long = [k for u, n in enumerate(lengths) if n > PACK_LENGTHS[-1] for k in units[u][1]]
+    long = {units[u][0]: units[u][1] for u, n in enumerate(lengths) if n > PACK_LENGTHS[-1]}
     if long:
         _score_prefix_calls(params, cfg, items, long, buckets, hooks, finish)
     for row_len, shorter in reversed(list(zip(PACK_LENGTHS, (0,) + PACK_LENGTHS[:-1]))):
@@ -212,7 +218,7 @@ def _score_packed(params, cfg, units, lengths, row_len, buckets, hooks, finish):
     n_reads = [sum(len(c) for _, _, conts in r for c in conts) for r in rows]
     calls, cur = [], []
     for r in range(len(rows)):
-        P = -(-(sum(n_reads[i] for i in cur) + n_reads[r]) // step) * step
+        P = _round_up(sum(n_reads[i] for i in cur) + n_reads[r], step)
         if cur and (len(cur) == per_call or 2 * P * cfg.vocab_size * 4 > LOGITS_BUDGET_BYTES):
             calls.append(cur)
             cur = []
@@ -220,17 +226,16 @@ def _score_packed(params, cfg, units, lengths, row_len, buckets, hooks, finish):
     calls.append(cur)
     for call in calls:
         laid = [_layout_row(rows[r], row_len) for r in call]
-        R, P = _pow2(len(call)), -(-sum(n_reads[r] for r in call) // step) * step
-        tokens, mask, positions = (np.zeros((R, row_len), d) for d in (np.int32, bool, np.int32))
-        pairs = np.zeros((R, row_len, row_len), bool)
+        R, P = _pow2(len(call)), _round_up(sum(n_reads[r] for r in call), step)
+        tokens, positions, unit, branch = (np.zeros((R, row_len), np.int32) for _ in range(4))
+        unit[:] = -1                                                            # padding rows: empty
         reads = [(k, r * row_len + slot, tgt) for r, (*_, rd) in enumerate(laid) for k, slot, tgt in rd]
         out_pos, targets = np.zeros(P, np.int32), np.zeros(P, np.int32)
         out_pos[:len(reads)], targets[:len(reads)] = [x[1] for x in reads], [x[2] for x in reads]
-        for r, (t, m, p, pr, _) in enumerate(laid):
-            tokens[r], mask[r], positions[r], pairs[r] = t, m, p, pr
+        for r, (t, p, u, b, _) in enumerate(laid):
+            tokens[r], positions[r], unit[r], branch[r] = t, p, u, b
         lp, gr = (np.asarray(a) for a in packed_logprobs(
-            params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions), jnp.asarray(pairs),
-            jnp.asarray(out_pos), jnp.asarray(targets), hooks=hooks))
+            params, cfg, *(jnp.asarray(a) for a in (tokens, positions, unit, branch, out_pos, targets)), hooks=hooks))
         sums: dict[int, float] = {}
         greedy_all: dict[int, bool] = {}
         for j, (k, _, _) in enumerate(reads):
@@ -239,13 +244,9 @@ def _score_packed(params, cfg, units, lengths, row_len, buckets, hooks, finish):
         finish(list(sums), [(sums[k], greedy_all[k]) for k in sums])
 
 
-def _score_prefix_calls(params, cfg, items, which, buckets, hooks, finish):
-    """Items `which` (long contexts): each distinct context prefilled once, its continuations
+def _score_prefix_calls(params, cfg, items, groups: dict[tuple[int, ...], list[int]], buckets, hooks, finish):
+    """groups: context -> its items (long contexts): each context prefilled once, its continuations
     extended on copies of its KV cache; `buckets.batch` contexts per call."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k in which:
-        toks, n = items[k]
-        groups.setdefault(tuple(int(t) for t in toks[:len(toks) - n]), []).append(k)
     ctxs = list(groups)
 
     def fits(cidx: list[int]) -> bool:        # the call's float32 logits [rows, C, V] stay under the budget

@@ -121,15 +121,20 @@ def codec_identity(spec: str) -> dict[str, Any]:
         return {"codec": os.path.abspath(spec), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
+def _fitting_block(block: int, hidden: int) -> int:
+    """Channels per scale: `block` if it divides hidden, else the first BLOCK_FALLBACK that does
+    (else `block`, which the codec's init then refuses)."""
+    return block if hidden % block == 0 else next((b for b in BLOCK_FALLBACK if hidden % b == 0), block)
+
+
 def load_codec(spec: str, cfg: ModelConfig) -> CodecSpec:
     """A fixed codec name (FIXED) or a trained codec directory; see the module doc."""
     if spec in FIXED:
         codec = FIXED[spec]
-        if isinstance(codec, FP8) and cfg.hidden_size % codec.block:      # e.g. H = 576: 64-channel blocks
-            codec = FP8(block=next((b for b in BLOCK_FALLBACK if cfg.hidden_size % b == 0), codec.block))
-        if isinstance(codec, IntQuant) and codec.group and cfg.hidden_size % codec.group:
-            codec = dataclasses.replace(codec, group=next((b for b in BLOCK_FALLBACK if cfg.hidden_size % b == 0),
-                                                          codec.group))
+        if isinstance(codec, FP8):                                        # e.g. H = 576: 64-channel blocks
+            codec = FP8(block=_fitting_block(codec.block, cfg.hidden_size))
+        if isinstance(codec, IntQuant) and codec.group:
+            codec = dataclasses.replace(codec, group=_fitting_block(codec.group, cfg.hidden_size))
         if codec is not None:
             try:
                 add_codec_params({}, cfg, codec, jax.random.key(0))         # codec.init at every MoE layer
