@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     mesh = parse_mesh(args.mesh)
+    if runtime.distributed_env() is not None:         # each process would write the same checkpoint
+        ap.error("this environment starts several processes (JAX_COORDINATOR_ADDRESS, srun or mpirun), but "
+                 "fine-tuning runs in one process: use --mesh dp=N on one host (set CALDERA_JAX_DISTRIBUTED=0 "
+                 "to run independent jobs)")
     runtime.setup(cpu_devices=math.prod(mesh.values()) if mesh else None,
                   compile_cache=str(assets.cache_dir() / "xla-cache"))
     from caldera_jax.caldera.finetune import FinetuneConfig

@@ -8,6 +8,10 @@
 
 Rerunning the same command after a crash resumes from the last checkpoint (out/train/ckpt). See
 caldera_jax/pipeline/train_compressors.py for what is written.
+
+Multi-host: start the same command on every host (the mesh spans all their devices; --out on a
+shared file system). Under srun or mpirun jax finds the other processes itself; with any other
+launcher set JAX_COORDINATOR_ADDRESS=host0:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID (BUILD.md).
 """
 from __future__ import annotations
 
@@ -52,7 +56,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     sizes = dict(args.mesh)
-    runtime.setup(cpu_devices=sizes.get("dp", 1) * sizes.get("ep", 1), hf_offline=True)
+    try:
+        dist = runtime.distributed_env()
+    except runtime.DistributedError as e:
+        ap.error(str(e))
+    runtime.setup(cpu_devices=sizes.get("dp", 1) * sizes.get("ep", 1) // runtime.process_count(dist),
+                  hf_offline=True)
+    runtime.init_distributed(dist)
     from caldera_jax.pipeline.train_compressors import CompressorJob, CompressorJobError, run
     job = CompressorJob(model=args.model, data=args.data, out=args.out, mode=args.mode, ratio=args.ratio,
                         stale=args.stale, stride=args.stride, router_mode=args.router_mode, init=args.init,

@@ -108,6 +108,17 @@ def test_crash_then_rerun_is_byte_identical(setup):
     assert ck.compressed_info(out)["files"] == ck.compressed_info(setup["job"].out)["files"]
 
 
+def test_data_parallel_step_matches_one_device(setup):
+    """--mesh dp=2 (batches split, the frozen model replicated once) follows the one-device run."""
+    rep = fj.run(dataclasses.replace(setup["job"], out=str(setup["tmp"] / "ft-dp2"), mesh={"dp": 2}))
+    assert rep["mesh"]["dp"] == 2
+    one = [r["val_loss"] for r in setup["rep"]["validation"]]
+    two = [r["val_loss"] for r in rep["validation"]]
+    assert len(one) == len(two) >= 3
+    np.testing.assert_allclose(two, one, rtol=2e-3)
+    assert two[-1] < 0.9 * two[0]
+
+
 def test_bad_input_refused_before_work(setup, tmp_path):
     job = setup["job"]
     with pytest.raises(JobError, match="--out"):

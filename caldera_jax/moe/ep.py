@@ -65,6 +65,29 @@ def mesh_sizes(mesh: Mesh) -> dict[str, int]:
     return {a: int(mesh.shape[a]) if a in mesh.axis_names else 1 for a in AXES}
 
 
+def expert_specs(mesh: Mesh) -> dict[str, P]:
+    """How the stacked expert weights lie on the mesh: gate/up [E, I, H] and down [E, H, I], the
+    experts along ep, the intermediate dimension along tp (when the mesh has tp > 1)."""
+    tp = "tp" if mesh_sizes(mesh)["tp"] > 1 else None
+    return {"gate_proj": P("ep", tp, None), "up_proj": P("ep", tp, None), "down_proj": P("ep", None, tp)}
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """A NamedSharding per leaf of a model's params (same tree): every MoE layer's experts as the
+    expert-parallel layer reads them (`expert_specs`), everything else replicated. Place the frozen
+    weights once with caldera_jax.train.placement.place; the layer's constraints then move nothing."""
+    specs, rep = expert_specs(mesh), NamedSharding(mesh, P())
+
+    def walk(node, key):
+        if isinstance(node, dict):
+            return {k: (jax.tree.map(lambda _, s=specs[k]: NamedSharding(mesh, s), v)
+                        if key == "experts" and k in specs else walk(v, k)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v, key) for v in node)
+        return jax.tree.map(lambda _: rep, node)
+    return walk(params, None)
+
+
 def check_mesh(mesh: Mesh, cfg: ModelConfig, num_tokens: int) -> dict[str, int]:
     """Refuses a mesh that does not divide the experts, tokens or expert width; returns sizes."""
     s = mesh_sizes(mesh)
@@ -120,8 +143,7 @@ class ExpertParallelMoE:
         elif src.role == "use":
             stale_in = ctx.aux[f"moe.stale.{src.ref}"]["gathered"]
         experts = p["experts"]
-        specs = {"gate_proj": P("ep", tp, None), "up_proj": P("ep", tp, None),
-                 "down_proj": P("ep", None, tp)}
+        specs = expert_specs(mesh)
         ex_specs = {k: jax.tree.map(lambda _: specs[k], v) for k, v in experts.items()}
         args = (src.payload, src.idx, src.weight, experts, cp, ccp, stale_in)
         in_specs = (tok, tok, tok, ex_specs, P(), P(), tok)

@@ -48,6 +48,7 @@ from caldera_jax.eval.perplexity import streamed_perplexity, tokenize_text
 from caldera_jax.params import flatten
 from caldera_jax.pipeline.compress import CODE, code_digest, make_mesh, mesh_axes
 from caldera_jax.pipeline.job_dir import JobDir, JobError, check_out_vs_model
+from caldera_jax.train.placement import place, replicated
 from caldera_jax.train.loop import EpochData, TrainConfig, batch_placer, evaluate_metrics, save_png, train
 from caldera_jax.train.optim import OptimConfig
 
@@ -144,7 +145,10 @@ def train_model(job: FinetuneJob, inp: dict[str, Any], mesh, log: Callable[[str]
         return distill_loss(assemble(t, fz["student"], ft, formats), fz["teacher"], cfg, batch, ft)
 
     tr, val = batches(inp["tokens"], inp["mask"], ft)
-    kl0, m0 = evaluate_metrics(jax.jit(loss_fn), trainable, {"student": frozen, "teacher": teacher}, val,
+    frozen = {"student": frozen, "teacher": teacher}
+    if mesh is not None:                 # replicated once on the dp devices, not broadcast every step
+        frozen, trainable = place((frozen, trainable), replicated(mesh))
+    kl0, m0 = evaluate_metrics(jax.jit(loss_fn), trainable, frozen, val,
                                batch_placer(mesh), jax.random.key(ft.seed))
     start = {"step": 0, "val_loss": kl0, **{f"val_{k}": v for k, v in m0.items()}}
     log(f"before fine-tuning: validation KL {kl0:.4f}, perplexity {math.exp(m0['nll']):.3f} "
@@ -152,7 +156,7 @@ def train_model(job: FinetuneJob, inp: dict[str, Any], mesh, log: Callable[[str]
     tc = TrainConfig(steps=ft.steps, accum=ft.accum, val_every=ft.val_every, ckpt_every=ft.ckpt_every,
                      seed=ft.seed, optim=OptimConfig(lr=ft.lr, weight_decay=ft.weight_decay,
                                                      warmup_frac=ft.warmup_frac, clip_norm=ft.clip_norm))
-    res = train(loss_fn, trainable, {"student": frozen, "teacher": teacher}, EpochData(tr, val, ft.accum, ft.seed),
+    res = train(loss_fn, trainable, frozen, EpochData(tr, val, ft.accum, ft.seed),
                 tc, os.path.join(job.out, TRAIN_DIR), mesh=mesh, progress=job.progress, log=log, on_step=on_step)
     return finalize(res.best_trainable, params, ft), params, res, start
 

@@ -18,6 +18,10 @@ What happens, in order:
  4. out/codec.safetensors (the best validation step's codec, keyed by HF layer names,
     model.layers.{i}.mlp.codec.{compress,decompress}.weight), out/codec.json (what the codec is),
     out/run.json (the job, the data split's metadata, the result).
+Multi-host: every process runs the same job (after caldera_jax.runtime.init_distributed); the
+frozen weights, the codec and each batch are global arrays on the mesh over all processes' devices
+(each process reads the same files and fills its own shards), orbax checkpoints are collective,
+and process 0 alone writes codec.safetensors, codec.json, run.json, metrics and curves.
 Codecs: stale "none" -> Learned(ratio); "compressed" -> StaleConditioned(stale_kind="compressed");
 "uncompressed" -> StaleConditioned(stale_kind="raw") (the reference layer's raw state), every
 `stride`-th MoE layer a reference layer. The code crosses the wire in bf16.
@@ -43,9 +47,10 @@ from caldera_jax.models.decoder import forward
 from caldera_jax.moe import (Learned, StaleConditioned, add_codec_params, codec_name, expert_parallel_hooks,
                              make_mesh, merge_params, split_codec_params)
 from caldera_jax.moe.codec_spec import CODEC_FILE, CODEC_JSON, STALE_KINDS, CodecSpecError, read_trained
-from caldera_jax.moe.ep import check_mesh
+from caldera_jax.moe.ep import check_mesh, param_shardings
 from caldera_jax.moe.routing import ROUTER_MODES
 from caldera_jax.params import flatten
+from caldera_jax.train.placement import is_primary, place, replicated
 from caldera_jax.train.loop import EpochData, TrainConfig, TrainResult, batch_placer, evaluate, token_nll, train
 from caldera_jax.train.optim import OptimConfig
 
@@ -152,6 +157,11 @@ def run(job: CompressorJob, log: Callable[[str], None] = print,
     params = add_codec_params(params, cfg, codec, jax.random.key(job.seed), given=inp["given"])
     trainable, frozen = split_codec_params(params)
     trainable = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), trainable)
+    # placed once as the expert-parallel layer reads them (experts along ep, the rest replicated):
+    # no step copies a frozen weight; global arrays, so one host or many run the same code
+    frozen = place(frozen, param_shardings(frozen, mesh))
+    trainable = place(trainable, replicated(mesh))
+    primary = is_primary()
     hooks = expert_parallel_hooks(mesh, codec=codec, router_mode=job.router_mode)
 
     def loss_fn(t, f, batch, key):
@@ -176,14 +186,16 @@ def run(job: CompressorJob, log: Callable[[str], None] = print,
                              jax.random.key(0))
     record = {"job": {k: (dict(v) if k == "mesh" else v) for k, v in dataclasses.asdict(job).items()},
               "codec": codec_name(codec), "data": inp["data"].meta, "steps": steps, "val_loss_before": start_val}
-    _write_json(run_path, record)
+    if primary:
+        _write_json(run_path, record)
     res: TrainResult = train(loss_fn, trainable, frozen, data, tc, os.path.join(job.out, "train"), mesh=mesh,
                              progress=job.progress, on_step=on_step, log=log)
-    save_codec(job.out, res.best_trainable, codec, job, cfg)
     record.update({"best_step": res.best_step, "val_loss_best": res.best_val,
                    "val_loss_last": next((r["val_loss"] for r in reversed(res.rows) if "val_loss" in r), None),
-                   "resumed_from": res.resumed_from})
-    _write_json(run_path, record)
+                   "resumed_from": res.resumed_from, "processes": jax.process_count()})
+    if primary:                                    # the other processes hold the same values
+        save_codec(job.out, res.best_trainable, codec, job, cfg)
+        _write_json(run_path, record)
     log(f"{codec_name(codec)}: validation loss {start_val:.4f} (initial codec) -> {res.best_val:.4f} "
         f"(best, step {res.best_step}); codec in {os.path.join(job.out, CODEC_FILE)}")
     return {**record, "result": res}

@@ -11,6 +11,11 @@ of optimizer step s, `data.micro_batches(s)` (a list of at most tc.accum numpy d
 for the same s: the step is the data position), and `data.val_batches()`. With a mesh that has
 a "dp" axis every batch array is sharded along its first dimension.
 
+Multi-host (caldera_jax.runtime.init_distributed): every process runs `train` with the same
+arguments; batches, the trainable params and the optimizer state become global arrays on the mesh
+(caldera_jax.train.placement; the caller places `frozen`), orbax checkpoints are written by all,
+metrics.jsonl and curves.png by process 0 only.
+
 On disk (out_dir): ckpt/ (orbax: trainable, optimizer state; JSON meta: step = data position,
 seed, best step and validation loss), best/ (orbax: the trainable params of the best validation
 loss), metrics.jsonl (one row per step; validation rows carry val_loss), curves.png (smoothed
@@ -37,6 +42,7 @@ from tqdm.auto import tqdm
 
 from caldera_jax.train.accumulate import LossFn, accumulated, micro_grads
 from caldera_jax.train.optim import OptimConfig, adamw, schedule
+from caldera_jax.train.placement import global_array, is_primary, place as place_on, replicated
 
 
 class Data(Protocol):
@@ -128,10 +134,12 @@ def save_png(fig, path: str) -> None:
 
 
 def batch_placer(mesh):
-    if mesh is None or "dp" not in mesh.axis_names:
+    """batch (numpy dict) -> arrays: split along "dp" when the mesh has it, else replicated on the
+    mesh (global arrays, so that it works across hosts); no mesh: the default device."""
+    if mesh is None:
         return lambda b: jax.tree.map(jnp.asarray, b)
-    sharding = NamedSharding(mesh, P("dp"))
-    return lambda b: jax.tree.map(lambda a: jax.device_put(a, sharding), b)
+    sharding = NamedSharding(mesh, P("dp") if "dp" in mesh.axis_names else P())
+    return lambda b: jax.tree.map(lambda a: global_array(a, sharding), b)
 
 
 def evaluate_metrics(eval_fn, trainable, frozen, batches: list[dict], place, key) -> tuple[float, dict]:
@@ -185,6 +193,9 @@ def train(loss_fn: LossFn, trainable, frozen, data: Data, tc: TrainConfig, out_d
     mngr = ocp.CheckpointManager(os.path.join(out_dir, "ckpt"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
     best_mngr = ocp.CheckpointManager(os.path.join(out_dir, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
     state = {"trainable": trainable, "opt_state": opt.init(trainable)}
+    if mesh is not None:                           # global arrays: the same code on one host or many
+        state = place_on(state, replicated(mesh))
+    primary = is_primary()
     meta = {"step": 0, "seed": tc.seed, "best_step": None, "best_val": None}
     start = mngr.latest_step() or 0
     if start:
@@ -200,15 +211,19 @@ def train(loss_fn: LossFn, trainable, frozen, data: Data, tc: TrainConfig, out_d
             best_mngr.delete(st)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     rows = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= start] if start else []
-    _write_jsonl(metrics_path, rows)
+    if primary:
+        _write_jsonl(metrics_path, rows)
     grad_fn = micro_grads(loss_fn)
     eval_fn = jax.jit(loss_fn)
     update = jax.jit(lambda g, s, p: _apply(opt, g, s, p))
     place = batch_placer(mesh)
     root = jax.random.key(tc.seed)
+    if mesh is not None:
+        root = jax.random.wrap_key_data(global_array(jax.random.key_data(root), replicated(mesh)))
     val = data.val_batches()
     trainable, opt_state = state["trainable"], state["opt_state"]
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and primary),
+               dynamic_ncols=True)
     try:
         for s in range(start, tc.steps):
             t0 = time.perf_counter()
@@ -237,10 +252,11 @@ def train(loss_fn: LossFn, trainable, frozen, data: Data, tc: TrainConfig, out_d
                     meta=ocp.args.JsonSave(meta)), force=True)
                 mngr.wait_until_finished()
             rows.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-            if "val_loss" in row or last:
-                plot_curves(rows, os.path.join(out_dir, "curves.png"))
+            if primary:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
+                if "val_loss" in row or last:
+                    plot_curves(rows, os.path.join(out_dir, "curves.png"))
             bar.update()
             bar.set_postfix_str(f"loss {row['loss']:.4f}" + (f" val {row['val_loss']:.4f}" if "val_loss" in row else ""))
             if on_step is not None:
