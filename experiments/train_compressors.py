@@ -3,7 +3,7 @@
     python -m experiments.train_compressors --model MOE_DIR --data chat.jsonl --out runs/codec-4x \\
         [--ratio 2|4|8|16] [--stale none|compressed|uncompressed] [--stride 12] \\
         [--router-mode compressed|uncompressed] [--init identity|random|offline:DIR] [--epochs 1] \\
-        [--max-steps N] [--batch-size 4] [--accum 1] [--seq-len 256] [--lr 1e-4] [--val-interval 50] \\
+        [--max-steps N] [--batch-size 4] [--accum 1] [--seq-len 256] [--pack] [--lr 1e-4] [--val-interval 50] \\
         [--mesh dp=2,ep=4] [--dtype bfloat16]
 
 Rerunning the same command after a crash resumes from the last checkpoint (out/train/ckpt). See
@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--pack", action="store_true", help="several records per row (attention kept inside each)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--val-interval", type=int, default=50)
     ap.add_argument("--ckpt-interval", type=int, default=50)
@@ -67,7 +68,8 @@ def main(argv=None) -> dict:
     job = CompressorJob(model=args.model, data=args.data, out=args.out, mode=args.mode, ratio=args.ratio,
                         stale=args.stale, stride=args.stride, router_mode=args.router_mode, init=args.init,
                         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                        accum=args.accum, seq_len=args.seq_len, lr=args.lr, val_interval=args.val_interval,
+                        accum=args.accum, seq_len=args.seq_len, pack=args.pack, lr=args.lr,
+                        val_interval=args.val_interval,
                         ckpt_interval=args.ckpt_interval, mesh=args.mesh, dtype=args.dtype, seed=args.seed,
                         progress=not args.no_progress)
     try:

@@ -71,3 +71,18 @@ def pack(examples: list[Example], seq_len: int, pad_id: int = 0) -> dict[str, np
             _put(b, r, at, e, seg)
             at += len(e.input_ids)
     return b
+
+
+def packed_batches(examples: list[Example], batch_size: int, seq_len: int,
+                   pad_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """`pack`'s rows in batches of batch_size rows (the last filled with empty rows)."""
+    if not examples:
+        return
+    rows = pack(examples, seq_len, pad_id)
+    n = len(rows["input_ids"])
+    for s in range(0, n, batch_size):
+        b = _empty(batch_size, seq_len, pad_id)
+        k = min(batch_size, n - s)
+        for name, a in rows.items():
+            b[name][:k] = a[s:s + k]
+        yield b

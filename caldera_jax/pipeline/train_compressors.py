@@ -41,7 +41,8 @@ from safetensors.numpy import save_file
 from caldera_jax.checkpoints_io.atomic import fsync_path
 from caldera_jax.checkpoints_io.hf import load_hf
 from caldera_jax.checkpoints_io.model_source import load_tokenizer
-from caldera_jax.data.batching import padded_batches
+from caldera_jax.data.batching import packed_batches, padded_batches
+from caldera_jax.data.chat import IGNORE
 from caldera_jax.data.records import load_tokenized, summary
 from caldera_jax.models.decoder import forward
 from caldera_jax.moe import (Learned, StaleConditioned, add_codec_params, codec_name, expert_parallel_hooks,
@@ -78,6 +79,7 @@ class CompressorJob:
     batch_size: int = 4                   # sequences per micro-batch
     accum: int = 1                        # micro-batches per optimizer step
     seq_len: int = 256                    # longer records are skipped (counted)
+    pack: bool = False                    # several records per row (segment-masked attention), else one
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
@@ -142,7 +144,8 @@ def open_inputs(job: CompressorJob) -> dict[str, Any]:
     if job.init not in ("identity", "random") and given is None:
         raise CompressorJobError(f"init must be identity, random or offline:DIR, got {job.init!r}")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = {s: list(padded_batches(data.splits[s], job.batch_size, job.seq_len, pad)) for s in ("train", "val")}
+    batcher = packed_batches if job.pack else padded_batches
+    batches = {s: list(batcher(data.splits[s], job.batch_size, job.seq_len, pad)) for s in ("train", "val")}
     return {"cfg": cfg, "params": params, "codec": codec, "mesh": mesh, "data": data, "batches": batches,
             "given": given}
 
@@ -166,8 +169,12 @@ def run(job: CompressorJob, log: Callable[[str], None] = print,
 
     def loss_fn(t, f, batch, key):
         p = merge_params(jax.tree.map(lambda a: a.astype(dtype), t), f)
-        logits = forward(p, cfg, batch["input_ids"], batch["attention_mask"], hooks=hooks)
-        s, n = token_nll(logits, batch["labels"])
+        labels, packed = batch["labels"], {}
+        if job.pack:     # each record sees only itself; a record's first token is no target
+            packed = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
+            labels = jnp.where(batch["positions"] == 0, IGNORE, labels)
+        logits = forward(p, cfg, batch["input_ids"], batch["attention_mask"], hooks=hooks, **packed)
+        s, n = token_nll(logits, labels)
         return s, n, {}
 
     data = EpochData(inp["batches"]["train"], inp["batches"]["val"], job.accum, job.seed)
