@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from caldera_jax import runtime
 from caldera_jax.pipeline import train_compressors as tc
-from tests.hf_tiny import tiny_hf_model, with_smollm2_tokenizer
+from tests.test_train_compressors import setup  # noqa: F401  (the tiny MoE and its chat data)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = dict(ratio=4, batch_size=4, seq_len=64, epochs=1, max_steps=3, lr=3e-2, val_interval=3, ckpt_interval=3,
@@ -26,21 +26,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("multihost")
-    model = with_smollm2_tokenizer(tiny_hf_model("qwen3_moe", tmp, vocab_size=49152, num_hidden_layers=2)[0])
-    rng = np.random.default_rng(1)
-    rows = []
-    for _ in range(40):
-        a, b = (int(x) for x in rng.integers(0, 50, 2))
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} times {b}?"},
-                                  {"role": "assistant", "content": f"{a} times {b} is {a * b}."}]})
-    data = tmp / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return {"model": model, "data": str(data), "tmp": tmp}
 
 
 def _cli_args(setup, out) -> list[str]:
