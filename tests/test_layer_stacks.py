@@ -76,6 +76,28 @@ def test_stacks_split_where_layer_structures_differ_and_round_trip():
                                atol=1e-4, rtol=1e-4)
 
 
+def test_consuming_conversions_free_the_source_arrays_and_give_the_same_params(tmp_path):
+    """consume=True (the lm-eval adapter's switch between scoring and decoding): the result equals
+    the copying conversion, and no reference to the per-layer arrays (or the stacks) is left, so
+    the peak is one model plus one leaf, not two models."""
+    import gc
+    import weakref
+    path, _ = tiny_hf_model("llama", tmp_path, num_hidden_layers=3)
+    cfg, params = load_hf(path)
+    expect = stack_layers(params, cfg)
+    src = jax.tree.map(jnp.copy, params)
+    refs = [weakref.ref(a) for a in jax.tree.leaves(src["model"]["layers"])]
+    stacked = stack_layers(src, cfg, consume=True)
+    gc.collect()
+    assert src["model"]["layers"] == {} and all(r() is None for r in refs)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(expect)))
+    refs = [weakref.ref(a) for a in jax.tree.leaves(stacked["model"][STACKS])]
+    back = unstack_layers(stacked, cfg, consume=True)
+    gc.collect()
+    assert stacked["model"][STACKS] == {} and all(r() is None for r in refs)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+
+
 def test_mixed_layer_structures_make_separate_stacks(tmp_path):
     path, _ = tiny_hf_model("llama", tmp_path, num_hidden_layers=4)
     cfg, params = load_hf(path, dtype=jnp.float32)

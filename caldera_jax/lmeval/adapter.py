@@ -101,7 +101,7 @@ def lm_class() -> type:
             CPU. lm-eval sends each request type at once, so a run converts at most twice."""
             want = stacked and self.scan_layers
             if is_stacked(self.params) != want:
-                self.params = (stack_layers if want else unstack_layers)(self.params, self.cfg)
+                self.params = (stack_layers if want else unstack_layers)(self.params, self.cfg, consume=True)
             return self.params
 
         # -------------------------------------------------------------- tokenizer (as lm-eval's hf model)

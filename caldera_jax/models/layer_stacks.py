@@ -58,13 +58,15 @@ def _signature(cfg: ModelConfig, i: int, layer) -> tuple:
     return cfg.is_moe_layer(i), treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def stack_layers(params, cfg: ModelConfig):
+def stack_layers(params, cfg: ModelConfig, *, consume: bool = False):
     """params with per-layer `model.layers` -> params with `model.layer_stacks` (a new dict;
     leaves outside the layers are shared). The stacks are copies: drop `params` afterwards to
-    free the per-layer arrays."""
+    free the per-layer arrays. consume=True takes the layers out of `params` (its layers dict is
+    left empty) and drops each per-layer array once its stack exists, so the peak is one model
+    plus one stacked leaf instead of two models; `params` is unusable afterwards."""
     if is_stacked(params):
         return params
-    layers = dict(params["model"]["layers"])
+    layers = params["model"]["layers"] if consume else dict(params["model"]["layers"])
     runs: list[list[int]] = []
     for i in range(cfg.num_hidden_layers):
         sig = _signature(cfg, i, layers[str(i)])
@@ -75,21 +77,30 @@ def stack_layers(params, cfg: ModelConfig):
     stacks = {}
     for idx, (_, treedef, _) in runs:
         per_layer = [jax.tree.leaves(layers.pop(str(i))) for i in idx]
-        stacked = [jnp.stack([leaves[j] for leaves in per_layer]) for j in range(treedef.num_leaves)]
+        stacked = []
+        for j in range(treedef.num_leaves):
+            stacked.append(jnp.stack([leaves[j] for leaves in per_layer]))
+            for leaves in per_layer:             # the last reference when consuming
+                leaves[j] = None
         stacks[f"{idx[0]}:{idx[-1] + 1}"] = jax.tree.unflatten(treedef, stacked)
     model = {k: v for k, v in params["model"].items() if k != "layers"}
     model[STACKS] = stacks
     return {**params, "model": model}
 
 
-def unstack_layers(params, cfg: ModelConfig):
-    """The inverse of stack_layers: per-layer `model.layers` keyed "0".."L-1"."""
+def unstack_layers(params, cfg: ModelConfig, *, consume: bool = False):
+    """The inverse of stack_layers: per-layer `model.layers` keyed "0".."L-1". consume=True takes
+    each stack out of `params` once it is sliced (peak: one model plus one stack)."""
     if not is_stacked(params):
         return params
+    spans = [(b.start, b.stop) for b in blocks(params, cfg)]         # checks they cover the layers
+    stacks = params["model"][STACKS] if consume else dict(params["model"][STACKS])
     layers = {}
-    for b in blocks(params, cfg):
-        for j in range(b.stop - b.start):
-            layers[str(b.start + j)] = jax.tree.map(lambda a, j=j: a[j], b.params)
+    for a, b in spans:
+        stack = stacks.pop(f"{a}:{b}")
+        for j in range(b - a):
+            layers[str(a + j)] = jax.tree.map(lambda x, j=j: x[j], stack)
+        del stack
     model = {k: v for k, v in params["model"].items() if k != STACKS}
     model["layers"] = layers
     return {**params, "model": model}
