@@ -2,7 +2,8 @@
 
     python -m bench.allocation_study [--model smollm2-135m-instruct|ASSET|DIR] [--work DIR]
         [--bits 2,3,4] [--ranks 0,32,64,128] [--points u-b2r32,u-b3r0,u-b4r0,hand-b3r0-protect]
-        [--ppl-tokens 8192] [--out bench/results/allocation_<name>.json]
+        [--ppl-tokens 8192] [--downstream arc_easy,piqa] [--downstream-limit 500]
+        [--out bench/results/allocation_<name>.json]
 
 Steps, each an experiments CLI in a child process (each resumable; a step whose output is complete
 is skipped, so rerunning the same command continues where a killed run stopped):
@@ -13,8 +14,10 @@ is skipped, so rerunning the same command continues where a killed run stopped):
     notes' hand-picked tiers: 3-bit Q, rank 0, the last two layers protected in bf16), a whole-model
     `experiments.compress` with perplexity; then `experiments.allocate` at exactly that checkpoint's
     measured bits/param (sensitivity-weighted), and `experiments.compress` of the allocated config.
- 5. a table, JSON and a PNG of perplexity against bits/param (uniform, allocated, hand-picked),
-    plus the per-layer sensitivity profile (is it U-shaped?).
+ 5. downstream (`--downstream`, default none): `experiments.eval` of the uncompressed model and
+    of every checkpoint, first --downstream-limit documents of each task (work/eval/<name>/).
+ 6. a table, JSON and a PNG of perplexity (and mean downstream accuracy) against bits/param
+    (uniform, allocated, hand-picked), plus the per-layer sensitivity profile (is it U-shaped?).
 
 Base config: configs/smollm2_default.yaml (E8P Q, uniform 4-bit factors, Q first; one outer
 iteration) for every model unless --config. Every figure is read from the jobs' own reports.
@@ -69,17 +72,24 @@ def compress_row(ckpt: str) -> dict:
             "ppl_base": p["before"]["ppl"], "ppl_tokens": p["after"]["tokens"], "seconds": rep["wall_seconds"]}
 
 
-def plot(rows: list[dict], base_ppl: float, sens: dict, title: str, path: str) -> None:
+def plot(rows: list[dict], base_ppl: float, sens: dict, title: str, path: str,
+         base_acc: float | None = None) -> None:
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 4.2))
-    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for kind, style in (("uniform", "o-"), ("allocated", "s-"), ("hand-picked", "^")):
-        pts = sorted((r["bits"], r["ppl"]) for r in rows if r["kind"] == kind)
-        if pts:
-            ax.plot(*zip(*pts), style, label=kind)
-    ax.axhline(base_ppl, color="gray", ls="--", lw=1, label=f"uncompressed {base_ppl:.2f}")
-    ax.set(xlabel="bits / parameter (linears, as stored)", ylabel="held-out perplexity", title=title)
-    ax.legend()
+    panels = 3 if base_acc is not None else 2
+    fig = Figure(figsize=(5.5 * panels, 4.2))
+    axes = [fig.add_subplot(1, panels, k + 1) for k in range(panels)]
+    ax, bx = axes[0], axes[-1]
+    metrics = [(ax, "ppl", base_ppl, "held-out perplexity")]
+    if base_acc is not None:
+        metrics.append((axes[1], "mean_acc", base_acc, "mean downstream accuracy"))
+    for a, key, base, label in metrics:
+        for kind, style in (("uniform", "o-"), ("allocated", "s-"), ("hand-picked", "^")):
+            pts = sorted((r["bits"], r[key]) for r in rows if r["kind"] == kind and r.get(key) is not None)
+            if pts:
+                a.plot(*zip(*pts), style, label=kind)
+        a.axhline(base, color="gray", ls="--", lw=1, label=f"uncompressed {base:.3f}")
+        a.set(xlabel="bits / parameter (linears, as stored)", ylabel=label, title=title)
+        a.legend()
     layers = sorted(int(k) for k in sens["by_layer"])
     bx.bar(layers, [sens["by_layer"][str(i)]["kl_sum"] for i in layers])
     bx.set(xlabel="layer", ylabel="sum of KL over the layer's 7 matrices (nats/token)", yscale="log",
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe", default="bits=2,rank=0")
     ap.add_argument("--points", default=DEFAULT_POINTS, help=f"comma-separated, of {list(POINTS)}")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--downstream", default="", help="lm-eval tasks for every checkpoint, e.g. arc_easy,piqa")
+    ap.add_argument("--downstream-limit", type=int, default=500)
     ap.add_argument("--out", default=None, help="default bench/results/allocation_<model name>.json")
     args = ap.parse_args(argv)
     points = args.points.split(",")
@@ -150,15 +162,38 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{p}: {r['bits']:.4f} bits ppl {r['ppl']:.3f} | allocated {a['bits']:.4f} bits "
               f"(predicted {plan['bits_per_param']:.4f}) ppl {a['ppl']:.3f}", flush=True)
 
+    tasks = [t for t in args.downstream.split(",") if t]
+
+    def downstream(path: str, tag: str, source: str | None) -> dict:
+        res_dir = os.path.join(work, "eval", tag)
+        res = os.path.join(res_dir, f"caldera-jax-{'+'.join(tasks)}-limit{args.downstream_limit}.json")
+        if not os.path.exists(res):
+            _run(py + ["experiments.eval", "--model", path, "--tasks", ",".join(tasks), "--limit",
+                       str(args.downstream_limit), "--out", res_dir, "--batch-size", "8"]
+                 + (["--source", source] if source else []), log)
+        got = json.load(open(res))["results"]
+        out = {f"{t}_acc": got[t]["acc,none"] for t in tasks}
+        out.update({f"{t}_acc_stderr": got[t]["acc_stderr,none"] for t in tasks})
+        out["mean_acc"] = sum(out[f"{t}_acc"] for t in tasks) / len(tasks)
+        return out
+
+    base_down = None
+    if tasks:
+        base_down = downstream(model, "source", None)
+        for r in rows:
+            r.update(downstream(os.path.join(work, "c-" + r["point"]), "c-" + r["point"], model))
     base_ppl = rows[0]["ppl_base"]
     for r in rows:
         r["ppl_vs_base_pct"] = 100 * (r["ppl"] / base_ppl - 1)
     sens = json.load(open(os.path.join(sens_dir, "sensitivity.json")))
     fit = json.load(open(os.path.join(fit_dir, "fit.json")))
-    plot(rows, base_ppl, sens, name, os.path.splitext(out)[0] + ".png")
+    plot(rows, base_ppl, sens, name, os.path.splitext(out)[0] + ".png",
+         base_down["mean_acc"] if base_down else None)
     write_report(out, "allocation_study", rows,
-                 ["point", "kind", "bits", "predicted_bits", "rel_h", "ppl", "ppl_vs_base_pct", "seconds"],
+                 ["point", "kind", "bits", "predicted_bits", "rel_h", "ppl", "ppl_vs_base_pct", "seconds"]
+                 + [f"{t}_acc" for t in tasks] + (["mean_acc"] if tasks else []),
                  extra={"model": model, "config": args.config, "work": work, "baseline_ppl": base_ppl,
+                        "baseline_downstream": base_down, "downstream_limit": args.downstream_limit,
                         "grid": {"bits": args.bits, "ranks": args.ranks}, "probe": args.probe,
                         "sensitivity_by_layer": sens["by_layer"],
                         "fit": {k: fit.get(k) for k in ("kind", "kind_reason", "r2_log", "r2", "by_proj", "params")},
