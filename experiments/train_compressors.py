@@ -61,8 +61,11 @@ def main(argv=None) -> dict:
         dist = runtime.distributed_env()
     except runtime.DistributedError as e:
         ap.error(str(e))
-    runtime.setup(cpu_devices=sizes.get("dp", 1) * sizes.get("ep", 1) // runtime.process_count(dist),
-                  hf_offline=True)
+    devices, nproc = sizes.get("dp", 1) * sizes.get("ep", 1), runtime.process_count(dist)
+    if devices % nproc:
+        mesh = ",".join(f"{k}={v}" for k, v in args.mesh)
+        ap.error(f"--mesh {mesh}: {devices} devices do not split evenly over {nproc} processes")
+    runtime.setup(cpu_devices=devices // nproc, hf_offline=True)
     runtime.init_distributed(dist)
     from caldera_jax.pipeline.train_compressors import CompressorJob, CompressorJobError, run
     job = CompressorJob(model=args.model, data=args.data, out=args.out, mode=args.mode, ratio=args.ratio,

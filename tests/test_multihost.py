@@ -99,6 +99,17 @@ def test_an_incomplete_environment_is_refused_naming_the_variable(env, msg):
         runtime.distributed_env(env)
 
 
+def test_a_mesh_that_does_not_split_over_the_processes_is_refused(monkeypatch, capsys, tmp_path):
+    from experiments import train_compressors
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(SystemExit):
+        train_compressors.main(["--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"),
+                                "--out", str(tmp_path / "out"), "--mesh", "dp=2,ep=4"])
+    assert "--mesh dp=2,ep=4: 8 devices do not split evenly over 3 processes" in capsys.readouterr().err
+
+
 def test_frozen_weights_are_placed_as_the_expert_parallel_layer_reads_them(setup):
     from caldera_jax.checkpoints_io.hf import load_hf
     from caldera_jax.moe import make_mesh
