@@ -39,6 +39,7 @@ E2E = {   # name -> (ratio, stale, init, router mode it trains with)
     "e2e-8x": (8, "none", "offline", "compressed"),
     "e2e-16x": (16, "none", "offline", "compressed"),
     "e2e-4x-identity": (4, "none", "identity", "compressed"),
+    "e2e-16x-identity": (16, "none", "identity", "compressed"),
     "e2e-stale-4x": (4, "uncompressed", "offline", "compressed"),
     "e2e-stale-16x": (16, "uncompressed", "offline", "compressed"),
     "e2e-16x-router-unc": (16, "none", "offline", "uncompressed"),
